@@ -1,0 +1,133 @@
+"""`gptcpu convert`: a Hugging Face GPT-J or GPT-2 checkpoint -> a gptcpu model folder.
+
+It streams: one output tensor is assembled, written and freed at a time, and the source's pages
+are released after use, so peak memory stays near the largest single tensor, not the model.
+It writes into a temporary folder beside the output and renames it at the end: an interrupted
+or failed convert leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from gptcpu.engine.config import DTYPES as SUPPORTED_DTYPES
+from gptcpu.engine.errors import GptcpuError
+
+from .maps import Out, plan
+from .sources import open_weights, read_hf_config, resolve
+from .tokenizer import write_tokenizer
+from .writer import DTYPES, SafetensorsWriter, cast_into
+
+__all__ = ["convert", "default_out"]
+
+
+def gptcpu_home() -> Path:
+    return Path(os.environ.get("GPTCPU_HOME", Path.home() / ".cache" / "gptcpu"))
+
+
+def default_out(source: str, dtype: str) -> Path:
+    return gptcpu_home() / "models" / f"{Path(source.rstrip('/')).name}-{dtype}"
+
+
+def convert(source: str, out: str | Path | None = None, dtype: str = "f16", revision: str | None = None,
+            force: bool = False, progress: bool | None = None) -> Path:
+    """Convert SOURCE (a hub id or a local Hugging Face folder) into a gptcpu model folder.
+
+    dtype is the storage type of the weight matrices ("f32", "f16" or "bf16"); norms and biases
+    stay f32. Returns the output folder. Raises GptcpuError on bad input, leaving nothing behind.
+    """
+    if dtype not in SUPPORTED_DTYPES:
+        raise GptcpuError(f"unsupported dtype {dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
+    out = Path(out) if out is not None else default_out(source, dtype)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise GptcpuError(f"{out} exists and is not empty: pass --force to replace it")
+
+    folder, origin = resolve(source, revision)
+    hf_config = read_hf_config(folder)
+    weights = open_weights(folder)
+    config, outputs = plan(hf_config, dtype, weights.names)
+    for o in outputs:
+        for p in o.pieces:
+            if p.src is not None and weights.shape(p.src) != p.shape:
+                raise GptcpuError(f"tensor {p.src} has shape {list(weights.shape(p.src))}, "
+                                  f"expected {list(p.shape)} from config.json")
+    origin.update(model_type=hf_config.get("model_type"), files=weights.files,
+                  torch_dtype=hf_config.get("torch_dtype") or hf_config.get("dtype"))
+    config_json = {**config.to_json(), "source": origin}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        origin["tokenizer"] = write_tokenizer(folder, tmp)
+        _write_weights(tmp / "model.safetensors", outputs, weights, dtype, progress)
+        _verify(tmp / "model.safetensors", outputs)
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_weights(path: Path, outputs: list[Out], weights, dtype: str, progress: bool | None) -> None:
+    from tqdm import tqdm
+
+    st_dtype, np_dtype = DTYPES[dtype]
+    specs = [(o.name, st_dtype if o.is_weight else "F32", o.shape) for o in outputs]
+    by_name = {o.name: o for o in outputs}
+    writer = SafetensorsWriter(path, specs, {"format": "pt", "gptcpu": "1"})
+    show = sys.stderr.isatty() if progress is None else progress
+    try:
+        with tqdm(total=writer.nbytes, unit="B", unit_scale=True, desc="convert", disable=not show) as bar:
+            for name in writer.order:
+                o = by_name[name]
+                array = np.empty(o.shape, np_dtype if o.is_weight else np.float32)
+                at = 0
+                for p in o.pieces:
+                    n = (p.shape[::-1] if o.linear else p.shape)[o.axis]  # its extent in the output
+                    dst = array[at:at + n] if o.axis == 0 else array[:, at:at + n]
+                    if p.src is None:
+                        dst[...] = 0
+                    else:
+                        src = weights.get(p.src)
+                        cast_into(dst, src.T if o.linear else src)
+                        del src
+                        weights.release(p.src)
+                    at += n
+                writer.write(name, array)
+                bar.update(array.nbytes)
+                del array
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+
+
+def _verify(path: Path, outputs: list[Out]) -> None:
+    """The file must open with the safetensors library itself and hold exactly what we meant."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    want = {o.name: o.shape for o in outputs}
+    if got != want:
+        raise GptcpuError(f"internal error: {path} does not hold the tensors it should")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an existing one (--force) is swapped out, then removed."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

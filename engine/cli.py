@@ -1,0 +1,151 @@
+"""The `gptcpu` command: a thin argparse layer over the library. No globals, no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import GptcpuError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's own prints the whole usage)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def default_model_record() -> Path:
+    from gptcpu.convert import gptcpu_home
+    return gptcpu_home() / "default-model"
+
+
+def default_model() -> str:
+    if os.environ.get("GPTCPU_MODEL"):
+        return os.environ["GPTCPU_MODEL"]
+    record = default_model_record()
+    if record.exists():
+        return record.read_text().strip()
+    raise GptcpuError("no model: pass --model DIR, or convert one first (gptcpu convert SOURCE)")
+
+
+def cmd_convert(args) -> None:
+    from gptcpu.convert import convert
+
+    out = convert(args.source, args.out, dtype=args.dtype, revision=args.revision, force=args.force,
+                  progress=None if not args.quiet else False)
+    record = default_model_record()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(str(out.resolve()) + "\n")
+    print(out)
+
+
+def cmd_info(args) -> None:
+    from .info import account, config_of, render
+
+    ram = int(args.ram * 2**30) if args.ram else None
+    a = account(config_of(args.model), args.bandwidth, ram)
+    print(json.dumps(a, indent=2) if args.json else render(a))
+
+
+def cmd_generate(args) -> None:
+    from .model import load
+    from .tokenizer import TextStream
+
+    t0 = time.perf_counter()
+    model = load(args.model or default_model(), threads=args.threads)
+    if model.tokenizer is None:
+        raise GptcpuError(f"{model.path} has no tokenizer.json")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    ids = model.tokenizer.encode(prompt)
+    if not ids and model.config.bos_token_id is not None:
+        ids = [model.config.bos_token_id]  # an empty prompt starts from <|endoftext|>
+    t_load = time.perf_counter() - t0
+    stream = TextStream(model.tokenizer, args.stop)
+    out = sys.stdout
+    if args.echo:
+        out.write(prompt)
+    t_start = time.perf_counter()
+    t_first, n = None, 0
+    for token in model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, stop=args.stop,
+                                repetition_penalty=args.repetition_penalty, truncate=args.truncate):
+        n += 1
+        if t_first is None:
+            t_first = time.perf_counter()
+        out.write(stream.push(token))
+        out.flush()
+    out.write(stream.finish() + "\n")
+    out.flush()
+    if args.verbose:
+        t_end = time.perf_counter()
+        prefill = len(ids) / (t_first - t_start) if t_first else 0.0
+        decode = (n - 1) / (t_end - t_first) if n > 1 else 0.0
+        print(f"load {t_load * 1000:.0f} ms | prompt {len(ids)} tokens, time to first token "
+              f"{(t_first - t_start) * 1000:.0f} ms ({prefill:.1f} tok/s) | {n} new tokens, decode "
+              f"{decode:.1f} tok/s", file=sys.stderr)
+        from .threads import describe
+        for line in describe():
+            print(f"  {line}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="gptcpu", description="Run GPT-J and GPT-2 checkpoints on CPUs.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("convert", help="a Hugging Face checkpoint (hub id or folder) -> a gptcpu model folder")
+    c.add_argument("source", help="hub id (EleutherAI/gpt-j-6b) or local folder")
+    c.add_argument("--out", type=Path, help="output folder (default: $GPTCPU_HOME/models/NAME-DTYPE)")
+    c.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f16",
+                   help="storage type of the weight matrices (norms and biases stay f32)")
+    c.add_argument("--revision", help="hub branch, tag or commit")
+    c.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(run=cmd_convert)
+
+    i = sub.add_parser("info", help="parameters, bytes, FLOPs and KV cache of a model, from its config")
+    i.add_argument("model", help="gptcpu folder, Hugging Face folder, config.json or hub id")
+    i.add_argument("--bandwidth", type=float, default=30.0, metavar="GBPS",
+                   help="memory read bandwidth for the roofline (default 30)")
+    i.add_argument("--ram", type=float, metavar="GIB", help="RAM for the KV-cache budget (default: this machine's)")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(run=cmd_info)
+
+    g = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    g.add_argument("prompt", help="the prompt text ('-' reads stdin)")
+    g.add_argument("--model", help="gptcpu model folder (default: the last converted, or $GPTCPU_MODEL)")
+    g.add_argument("--threads", type=int, help="BLAS threads (default: the library's own choice)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=40, help="0 = off")
+    g.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, help="for reproducible sampling")
+    g.add_argument("--stop", action="append", help="stop at this string (repeatable); it is not printed")
+    g.add_argument("--truncate", choices=["left"], help="cut a prompt longer than the context from the left")
+    g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    g.add_argument("--verbose", "-v", action="store_true", help="timings and thread pools on stderr")
+    g.set_defaults(run=cmd_generate)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except GptcpuError as e:
+        print(f"gptcpu: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptcpu: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet exit under `| head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

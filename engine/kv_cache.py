@@ -1,0 +1,55 @@
+"""The KV cache: one preallocated object per generation, shared by prefill and decode.
+
+Keys and values live in one array per kind, `[L, B, H, capacity, D]`, allocated with np.zeros
+(pages are only backed when written, so a cache sized for the full context costs what is used).
+Slots are filled left to right, one per step, for every row at once; `valid` marks slots a row
+may attend to (left padding is invalid) and `next_pos` is each row's next position id, so a
+padded row counts positions from its first real token, as Hugging Face's generate does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import Config
+
+
+class KVCache:
+    def __init__(self, config: Config, batch: int, capacity: int):
+        L, H, D = config.n_layer, config.n_head, config.head_dim
+        self.capacity = capacity
+        self.k = np.zeros((L, batch, H, capacity, D), np.float32)
+        self.v = np.zeros((L, batch, H, capacity, D), np.float32)
+        self.valid = np.zeros((batch, capacity), bool)   # may be attended to
+        self.next_pos = np.zeros(batch, np.int64)        # position id of each row's next token
+        self.length = 0                                  # slots filled, the same for every row
+
+    @property
+    def batch(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def padded(self) -> bool:
+        return not self.valid[:, :self.length].all()
+
+    def append(self, mask: np.ndarray) -> np.ndarray:
+        """Claim the next T slots for tokens whose validity is mask [B, T] -> their positions [B, T]."""
+        T = mask.shape[1]
+        if self.length + T > self.capacity:
+            raise ValueError(f"KV cache full: {self.length} + {T} > {self.capacity} slots")
+        self.valid[:, self.length:self.length + T] = mask
+        pos = self.next_pos[:, None] + np.cumsum(mask, axis=1) - 1
+        self.next_pos += mask.sum(axis=1)
+        return np.maximum(pos, 0)
+
+    def update(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Write this step's k, v [B, H, T, D] into the slots `append` claimed -> all keys and
+        values so far, [B, H, S, D] views (S = slots filled including these)."""
+        t0, T = self.length, k.shape[2]
+        self.k[layer, :, :, t0:t0 + T] = k
+        self.v[layer, :, :, t0:t0 + T] = v
+        return self.k[layer, :, :, :t0 + T], self.v[layer, :, :, :t0 + T]
+
+    def advance(self, T: int) -> None:
+        """Every layer has written its T new slots."""
+        self.length += T

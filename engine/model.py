@@ -1,0 +1,252 @@
+"""The forward pass of GPT-2 and GPT-J, written as the math over NumPy float32 arrays.
+
+Shape letters: B batch, T new tokens this step, S slots attended (cached + new), C n_embd,
+H n_head, D head_dim, R rotary_dim, I n_inner, V n_vocab. Weights are stored [in, out], so
+every linear layer is `x @ w + b`. Everything stays float32: no float64 on the hot path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .errors import GptcpuError
+from .kv_cache import KVCache
+from .weights import bf16_to_f32, mmap_tensors
+
+F32 = np.float32
+MASKED = np.finfo(F32).min  # added to masked scores: exp() underflows to 0 without inf - inf = NaN
+
+
+def linear(x, w, b=None):  # [..., in], [in, out], [out] -> [..., out]
+    y = x.reshape(-1, x.shape[-1]) @ w   # one GEMM (GEMV when B*T = 1), whatever the batch
+    if b is not None:
+        y += b
+    return y.reshape(*x.shape[:-1], w.shape[1])
+
+
+def layer_norm(x, w, b, eps):  # [..., C] -> [..., C]
+    mu = x.mean(-1, keepdims=True)
+    xc = x - mu
+    var = (xc * xc).mean(-1, keepdims=True)
+    xc *= 1 / np.sqrt(var + F32(eps))
+    xc *= w
+    xc += b
+    return xc
+
+
+def gelu_new(x):  # in place: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    t = x * x
+    t *= F32(0.044715)
+    t += 1
+    t *= x
+    t *= F32(math.sqrt(2 / math.pi))
+    np.tanh(t, out=t)
+    t += 1
+    x *= t
+    x *= F32(0.5)
+    return x
+
+
+def erf(x):  # Abramowitz & Stegun 7.1.26 would be 1e-7 off; this is the exact one via math.erf
+    return np.frompyfunc(math.erf, 1, 1)(x).astype(F32)
+
+
+ACTIVATIONS = {
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": gelu_new,
+    "gelu": lambda x: x * F32(0.5) * (1 + erf(x * F32(1 / math.sqrt(2)))),
+    "relu": lambda x: np.maximum(x, 0, out=x),
+}
+
+
+def softmax_(x):  # in place over the last axis
+    x -= x.max(-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(-1, keepdims=True)
+    return x
+
+
+def rotary_tables(n_ctx: int, rotary_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [n_ctx, R/2], computed in float32 exactly as GPT-J's reference does."""
+    inv_freq = F32(1) / F32(10000) ** (np.arange(0, rotary_dim, 2, dtype=F32) / F32(rotary_dim))
+    angles = np.arange(n_ctx, dtype=F32)[:, None] * inv_freq
+    return np.cos(angles), np.sin(angles)
+
+
+def rotate_(x, cos, sin):  # in place on x [B, T, H, D]; cos, sin [B, T, 1, R/2]
+    # GPT-J rotates interleaved pairs (x0, x1), (x2, x3), ... of the first R dims of each head
+    R = 2 * cos.shape[-1]
+    x1, x2 = x[..., 0:R:2].copy(), x[..., 1:R:2].copy()
+    x[..., 0:R:2] = x1 * cos - x2 * sin
+    x[..., 1:R:2] = x2 * cos + x1 * sin
+
+
+def attention(q, k, v, bias, scale):  # [B,H,T,D], [B,H,S,D], [B,H,S,D], [B,1,T,S]|None -> [B,T,H*D]
+    s = q @ k.transpose(0, 1, 3, 2)  # [B, H, T, S]
+    s *= F32(scale)
+    if bias is not None:
+        s += bias
+    a = softmax_(s) @ v               # [B, H, T, D]
+    B, H, T, D = a.shape
+    return a.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+class Model:
+    """A loaded gptcpu model: config, weights (mmap'd, zero copy at f32), tokenizer."""
+
+    def __init__(self, config: Config, weights: dict[str, np.ndarray], tokenizer=None, path: Path | None = None):
+        self.config = config
+        self.w = weights
+        self.tokenizer = tokenizer
+        self.path = path
+        self.act = ACTIVATIONS[config.activation]
+        self.head_w = weights["wte"].T if config.tied_head else weights["lm_head.weight"]  # [C, V]
+        self.head_b = weights.get("lm_head.bias")
+        if config.rotary_dim:
+            self.cos, self.sin = rotary_tables(config.n_ctx, config.rotary_dim)
+
+    # -- the forward pass -------------------------------------------------------------------
+
+    def forward(self, ids, cache: KVCache | None = None, mask=None, last_only: bool = False) -> np.ndarray:
+        """ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
+
+        With a cache, the T tokens follow what it holds and their keys and values are kept;
+        without one, ids is a whole fresh sequence. mask [B, T] marks real tokens (False: left
+        padding, never attended to); its default is all real.
+        """
+        c = self.config
+        ids = np.asarray(ids)
+        B, T = ids.shape
+        mask = np.ones((B, T), bool) if mask is None else np.asarray(mask, bool)
+        if cache is None:
+            pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+            valid, t0 = mask, 0
+        else:
+            pos = cache.append(mask)
+            valid, t0 = cache.valid[:, :cache.length + T], cache.length
+        if pos.max(initial=0) >= c.n_ctx:
+            raise GptcpuError(f"position {pos.max()} is past the context of {c.n_ctx} tokens")
+        bias = self._attention_bias(valid, t0, T)
+
+        x = self.w["wte"][ids]                                 # [B, T, C], a fresh copy
+        if c.arch == "gpt2":
+            x += self.w["wpe"][pos]
+        rot = (self.cos[pos][:, :, None], self.sin[pos][:, :, None]) if c.rotary_dim else None
+        for i in range(c.n_layer):
+            x = self.block(i, x, cache, bias, rot)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        x = layer_norm(x, self.w["ln_f.weight"], self.w["ln_f.bias"], c.layer_norm_epsilon)
+        return linear(x, self.head_w, self.head_b)            # [B, T, V]
+
+    @staticmethod
+    def _attention_bias(valid, t0, T):  # valid [B, S] -> [B, 1, T, S] of 0 / MASKED, or None
+        B, S = valid.shape
+        causal = np.arange(S)[None, :] <= (t0 + np.arange(T))[:, None]  # [T, S]
+        allowed = causal[None] & valid[:, None, :]                       # [B, T, S]
+        if allowed.all():
+            return None
+        return np.where(allowed, F32(0), MASKED)[:, None].astype(F32)
+
+    def block(self, i, x, cache, bias, rot):  # [B, T, C] -> [B, T, C]
+        c, w, p = self.config, self.w, f"blocks.{i}."
+        C = c.n_embd
+        h = layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], c.layer_norm_epsilon)
+        if c.parallel_residual:
+            # GPT-J: attention and MLP both read h; one GEMM in, one GEMM out
+            u = linear(h, w[p + "w_in"], w[p + "b_in"])         # [B, T, 3C + I]
+            a = self.attend(i, u[..., :C], u[..., C:2 * C], u[..., 2 * C:3 * C], cache, bias, rot)
+            g = self.act(u[..., 3 * C:])                        # [B, T, I]
+            return x + linear(np.concatenate([a, g], -1), w[p + "w_out"], w[p + "b_out"])
+        qkv = linear(h, w[p + "attn.w_qkv"], w[p + "attn.b_qkv"])  # [B, T, 3C]
+        a = self.attend(i, qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:], cache, bias, rot)
+        x = x + linear(a, w[p + "attn.w_o"], w[p + "attn.b_o"])
+        h = layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], c.layer_norm_epsilon)
+        return x + linear(self.act(linear(h, w[p + "mlp.w_in"], w[p + "mlp.b_in"])), w[p + "mlp.w_out"], w[p + "mlp.b_out"])
+
+    def attend(self, i, q, k, v, cache, bias, rot):  # q, k, v [B, T, C] -> [B, T, C]
+        c = self.config
+        B, T, C = q.shape
+        H, D = c.n_head, c.head_dim
+        q, k, v = (t.reshape(B, T, H, D) for t in (q, k, v))
+        if rot is not None:
+            rotate_(q, *rot)
+            rotate_(k, *rot)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, D]
+        if cache is not None:
+            k, v = cache.update(i, k, v)                        # [B, H, S, D]
+        scale = 1 / math.sqrt(D)
+        if c.scale_attn_by_inverse_layer_idx:
+            scale /= i + 1
+        return attention(q, k, v, bias, scale)
+
+    # -- the public API ---------------------------------------------------------------------
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits [len(ids), V] float32 for every position of a fresh sequence (no cache kept)."""
+        ids = np.asarray(ids, np.int64).reshape(1, -1)
+        if ids.shape[1] > self.config.n_ctx:
+            raise GptcpuError(f"{ids.shape[1]} tokens do not fit the context of {self.config.n_ctx}")
+        return self.forward(ids)[0]
+
+    def new_cache(self, batch: int = 1, capacity: int | None = None) -> KVCache:
+        return KVCache(self.config, batch, min(capacity or self.config.n_ctx, self.config.n_ctx))
+
+    def generate(self, ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed=None, stop=None, repetition_penalty: float = 1.0,
+                 truncate: str | None = None):
+        """Yield new token ids one at a time as they are sampled (see gptcpu.engine.generate)."""
+        from .generate import generate
+        return generate(self, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, stop=stop, repetition_penalty=repetition_penalty, truncate=truncate)
+
+    def generate_batch(self, prompts, max_new_tokens: int = 64, **sampling) -> list[list[int]]:
+        """Several prompts at once (left padding + mask), each stopping on its own -> new ids per prompt."""
+        from .generate import generate_batch
+        return generate_batch(self, prompts, max_new_tokens, **sampling)
+
+
+def load_weights(path: Path, config: Config) -> dict[str, np.ndarray]:
+    """The model's tensors: f32 as zero-copy mmap views; f16/bf16 upcast once to f32."""
+    from gptcpu.convert.maps import ARCHS  # the format's names and shapes are defined once, there
+
+    file = path / "model.safetensors"
+    if not file.exists():
+        raise GptcpuError(f"{path} has no model.safetensors")
+    tensors = mmap_tensors(file)
+    outputs = ARCHS[config.arch].outputs(config)
+    weights = {}
+    for o in outputs:
+        t = tensors.get(o.name)
+        if t is None:
+            raise GptcpuError(f"{file} lacks tensor {o.name}")
+        if t.shape != o.shape:
+            raise GptcpuError(f"{file}: tensor {o.name} has shape {list(t.shape)}, expected {list(o.shape)}")
+        if t.dtype == np.uint16:
+            t = bf16_to_f32(t)
+        elif t.dtype != F32:
+            t = t.astype(F32)
+        weights[o.name] = t
+    return weights
+
+
+def load(path, threads: int | None = None) -> Model:
+    """Load a gptcpu model folder (written by `gptcpu convert`) -> Model. threads sets the BLAS pool."""
+    from .config import Config
+    from .threads import set_threads
+    from .tokenizer import Tokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise GptcpuError(f"{path} is not a model folder")
+    if threads is not None:
+        set_threads(threads)
+    config = Config.load(path)
+    tokenizer = Tokenizer.from_folder(path) if (path / "tokenizer.json").exists() else None
+    return Model(config, load_weights(path, config), tokenizer, path)

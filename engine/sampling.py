@@ -1,0 +1,51 @@
+"""Sampling: pure functions from logits to a token id, with an explicit seeded np.random.Generator.
+
+The order is Hugging Face's: repetition penalty, then temperature, top-k, top-p. Temperature 0
+is greedy (argmax). Everything is float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen, penalty: float) -> np.ndarray:
+    """CTRL's penalty, as HF applies it: seen tokens' logits / penalty if > 0, else * penalty."""
+    if penalty == 1.0 or len(seen) == 0:
+        return logits
+    logits = logits.copy()
+    idx = np.unique(np.asarray(seen, np.int64))
+    x = logits[idx]
+    logits[idx] = np.where(x > 0, x / F32(penalty), x * F32(penalty))
+    return logits
+
+
+def candidates(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0):
+    """-> (token ids, their probabilities) of the set sampling draws from, most likely first."""
+    x = logits.astype(F32) / F32(temperature)
+    V = x.shape[-1]
+    if 0 < top_k < V:
+        ids = np.argpartition(-x, top_k - 1)[:top_k]
+    else:
+        ids = np.arange(V)
+    ids = ids[np.argsort(-x[ids], kind="stable")]
+    p = np.exp(x[ids] - x[ids[0]])
+    p /= p.sum()
+    if top_p < 1.0:
+        # the smallest prefix whose mass reaches top_p (the token that crosses it is kept)
+        keep = int(np.searchsorted(np.cumsum(p), F32(top_p))) + 1
+        ids, p = ids[:keep], p[:keep] / p[:keep].sum()
+    return ids, p
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0) -> int:
+    """One token id from logits [V]: greedy at temperature 0, else drawn from the top-k/top-p set."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    ids, p = candidates(logits, temperature, top_k, top_p)
+    cdf = np.cumsum(p)
+    j = int(np.searchsorted(cdf, rng.random(dtype=F32) * cdf[-1], side="right"))
+    return int(ids[min(j, len(ids) - 1)])
