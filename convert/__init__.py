@@ -131,3 +131,14 @@ def _replace(tmp: Path, out: Path) -> None:
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+class _CallableModule(type(sys)):
+    """`gptcpu.convert(...)` is the API (DESIGN.md) and `gptcpu.convert` is also this package:
+    calling the package calls `convert`, so both hold without one shadowing the other."""
+
+    def __call__(self, *args, **kwargs):
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,73 @@
+"""Shared fixtures: a real GPT-2 tokenizer, tiny random checkpoints in real layouts, converted."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import checkpoints
+
+# name -> (real config, overrides): the shapes every engine test runs on
+SHAPES = {
+    # GPT-2: head_dim 12 (not a power of two), n_inner unset (4C), the real 50,257 vocab
+    "gpt2": ("gpt2", dict(n_embd=48, n_head=4, n_layer=2, n_positions=64)),
+    # GPT-2 variant: odd vocab, explicit n_inner, untied head, scores scaled by 1/(layer+1)
+    "gpt2-untied": ("gpt2", dict(n_embd=40, n_head=5, n_layer=3, n_positions=48, vocab_size=1001, n_inner=72,
+                                 tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True)),
+    # GPT-J: rotary_dim 8 < head_dim 12, n_inner unset, the real padded 50,400 vocab
+    "gptj": ("gpt-j-6b", dict(n_embd=48, n_head=4, n_layer=2, n_positions=64, rotary_dim=8)),
+    # GPT-J variant: odd vocab, rotary over the whole head (rotary_dim = head_dim 10), n_inner set
+    "gptj-odd": ("gpt-j-6b", dict(n_embd=30, n_head=3, n_layer=3, n_positions=40, rotary_dim=10,
+                                  vocab_size=997, n_inner=50)),
+}
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gptcpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_files(workdir) -> Path:
+    """The GPT-2 tokenizer as a hub folder holds it: vocab.json, merges.txt, tokenizer.json, ..."""
+    slow, hf = workdir / "tokenizer-slow", workdir / "tokenizer-hf"
+    checkpoints.write_gpt2_tokenizer_files(slow)
+    checkpoints.write_hf_tokenizer(hf, slow)
+    return hf
+
+
+class Factory:
+    """Builds (once) and caches HF models, their checkpoints and their conversions."""
+
+    def __init__(self, root: Path, tokenizer: Path):
+        self.root, self.tokenizer = root, tokenizer
+        self._models, self._done = {}, {}
+
+    def hf_model(self, shape: str):
+        if shape not in self._models:
+            base, overrides = SHAPES[shape]
+            self._models[shape] = checkpoints.build_model(checkpoints.real_config(base, **overrides))
+        return self._models[shape]
+
+    def checkpoint(self, shape: str, layout: str = "safetensors") -> Path:
+        key = ("ckpt", shape, layout)
+        if key not in self._done:
+            folder = self.root / f"hf-{shape}-{layout}"
+            shutil.rmtree(folder, ignore_errors=True)
+            self._done[key] = checkpoints.save_checkpoint(self.hf_model(shape), folder, layout, self.tokenizer)
+        return self._done[key]
+
+    def converted(self, shape: str, dtype: str = "f32", layout: str = "safetensors") -> Path:
+        key = ("out", shape, dtype, layout)
+        if key not in self._done:
+            import gptcpu
+            self._done[key] = gptcpu.convert(str(self.checkpoint(shape, layout)),
+                                             self.root / f"gptcpu-{shape}-{dtype}-{layout}", dtype=dtype)
+        return self._done[key]
+
+
+@pytest.fixture(scope="session")
+def factory(workdir, tokenizer_files) -> Factory:
+    return Factory(workdir, tokenizer_files)

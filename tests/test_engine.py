@@ -1,0 +1,200 @@
+"""The NumPy engine against the reference, transformers on torch CPU."""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import pytest
+import torch
+
+import gptcpu
+from conftest import SHAPES
+from gptcpu.engine.errors import GptcpuError
+from test_convert import assert_one_line_error, run_cli
+
+ALL = list(SHAPES)
+
+
+def prompt(model, n=12, seed=0):
+    return np.random.default_rng(seed).integers(0, min(model.config.n_vocab, 50257), n).tolist()
+
+
+def hf_logits(hf, ids):
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].numpy()
+
+
+def hf_greedy(hf, ids, n, **kw):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("shape", ALL)
+def test_logits_match_transformers(factory, shape):
+    m = gptcpu.load(factory.converted(shape))
+    ids = prompt(m, 20)
+    got, want = m.logits(ids), hf_logits(factory.hf_model(shape), ids)
+    assert got.dtype == np.float32 and got.shape == (20, m.config.n_vocab)
+    print(f"{shape}: max |logits - HF| = {np.abs(got - want).max():.2e}")
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shape", ALL)
+def test_greedy_tokens_match_transformers_generate(factory, shape):
+    m = gptcpu.load(factory.converted(shape))
+    ids = prompt(m, 8, seed=1)
+    got = list(m.generate(ids, 30))
+    assert got == hf_greedy(factory.hf_model(shape), ids, 30)
+
+
+def test_repetition_penalty_matches_transformers(factory):
+    m = gptcpu.load(factory.converted("gptj"))
+    ids = prompt(m, 6, seed=2)
+    got = list(m.generate(ids, 20, repetition_penalty=1.5))
+    assert got == hf_greedy(factory.hf_model("gptj"), ids, 20, repetition_penalty=1.5)
+
+
+@pytest.mark.parametrize("shape", ["gpt2", "gptj-odd"])
+def test_cached_decode_equals_uncached_forward(factory, shape):
+    m = gptcpu.load(factory.converted(shape))
+    ids = prompt(m, 10, seed=3)
+    full = list(m.generate(ids, 15))
+    cache = m.new_cache()
+    step_logits = [m.forward(np.array([ids]), cache)[0]]            # prefill: all prompt positions
+    for t in full[:-1]:
+        step_logits.append(m.forward(np.array([[t]]), cache)[0])    # decode: one position each
+    cached = np.concatenate(step_logits)
+    uncached = m.logits(ids + full[:-1])
+    np.testing.assert_allclose(cached, uncached, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", ["gpt2", "gptj"])
+def test_batch_with_padding_equals_each_prompt_alone(factory, shape):
+    m = gptcpu.load(factory.converted(shape))
+    prompts = [prompt(m, n, seed=n) for n in (3, 11, 7)]
+    batch = m.generate_batch(prompts, 12)
+    alone = [list(m.generate(p, 12)) for p in prompts]
+    assert batch == alone
+    # and the logits: a padded row's last position equals its unpadded forward
+    ids = np.zeros((2, 11), np.int64)
+    mask = np.zeros((2, 11), bool)
+    ids[0, 8:], mask[0, 8:] = prompts[0], True
+    ids[1], mask[1] = prompts[1], True
+    padded = m.forward(ids, m.new_cache(2), mask, last_only=True)[:, -1]
+    np.testing.assert_allclose(padded[0], m.logits(prompts[0])[-1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(padded[1], m.logits(prompts[1])[-1], atol=1e-5, rtol=0)
+
+
+def test_batch_rows_stop_on_their_own_and_sample_as_alone(factory):
+    m = gptcpu.load(factory.converted("gpt2"))
+    prompts = [prompt(m, n, seed=10 + n) for n in (4, 9)]
+    sampling = dict(temperature=0.9, top_k=50, seed=7)
+    alone = [list(m.generate(p, 10, **sampling)) for p in prompts]
+    stop = m.tokenizer.decode(alone[0][2:4])  # row 0 stops early on a stop string
+    batch = m.generate_batch(prompts, 10, stop=[stop], **sampling)
+    assert batch[0] == list(m.generate(prompts[0], 10, stop=[stop], **sampling)) and len(batch[0]) <= 4
+    assert batch[1][:len(batch[1])] == alone[1][:len(batch[1])]
+
+
+def test_seeded_sampling_is_reproducible(factory):
+    m = gptcpu.load(factory.converted("gptj"))
+    ids = prompt(m, 5)
+    a = list(m.generate(ids, 20, temperature=1.0, seed=123))
+    b = list(m.generate(ids, 20, temperature=1.0, seed=123))
+    c = list(m.generate(ids, 20, temperature=1.0, seed=124))
+    assert a == b and a != c
+    assert list(m.generate(ids, 20, temperature=1.0, top_k=1, seed=5)) == list(m.generate(ids, 20))
+
+
+@pytest.mark.parametrize("dtype,tol", [("f16", 2e-3), ("bf16", 2e-2)])
+@pytest.mark.parametrize("shape", ["gpt2", "gptj"])
+def test_half_precision_models(factory, shape, dtype, tol):
+    """Exact against HF run on the same rounded weights; within tol * max|logit| of f32.
+
+    The tolerance: f16 keeps 11 significant bits (relative rounding <= 2^-11 = 4.9e-4) and bf16
+    8 (<= 2^-8 = 3.9e-3); each logit sums ~n_embd rounded products whose errors partly cancel,
+    through a few layers, so we allow ~4-5x one weight's relative error of the logits' scale.
+    """
+    m = gptcpu.load(factory.converted(shape, dtype))
+    ids = prompt(m, 16)
+    got = m.logits(ids)
+    hf = factory.hf_model(shape)
+    torch_dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    rounded = type(hf)(hf.config).eval()
+    rounded.load_state_dict({k: v.to(torch_dtype).float() if v.ndim == 2 else v
+                             for k, v in hf.state_dict().items()})
+    np.testing.assert_allclose(got, hf_logits(rounded, ids), atol=1e-4, rtol=0)
+    want = hf_logits(hf, ids)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    print(f"{shape} {dtype}: max |logits - f32 logits| / max |logit| = {err:.2e}")
+    assert err < tol
+
+
+def test_weights_are_memory_mapped_at_f32(factory):
+    m = gptcpu.load(factory.converted("gptj"))
+    for name, w in m.w.items():
+        base = w
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        assert isinstance(base, mmap.mmap), name
+    half = gptcpu.load(factory.converted("gptj", "f16"))
+    assert all(w.dtype == np.float32 for w in half.w.values())
+
+
+def test_context_limits(factory):
+    m = gptcpu.load(factory.converted("gpt2"))  # n_ctx 64
+    with pytest.raises(GptcpuError, match="70 tokens.*holds 64"):
+        list(m.generate(prompt(m, 70), 5))
+    out = list(m.generate(prompt(m, 70), 5, truncate="left"))   # keeps the last 59, room for 5
+    assert len(out) == 5
+    assert len(list(m.generate(prompt(m, 60), 50))) == 4        # stops cleanly at the context end
+    with pytest.raises(GptcpuError, match="65 tokens"):
+        m.logits(prompt(m, 65))
+
+
+def test_stop_strings(factory):
+    m = gptcpu.load(factory.converted("gpt2"))
+    ids = prompt(m, 5)
+    free = list(m.generate(ids, 20))
+    stop = m.tokenizer.decode(free[5:7])
+    stopped = list(m.generate(ids, 20, stop=stop))
+    assert stopped == free[:len(stopped)] and len(stopped) <= 7
+    assert stop in m.tokenizer.decode(stopped)
+    eos = m.config.eos_token_id
+    assert eos not in free  # else the test below proves nothing
+
+
+def test_text_stream_never_splits_characters_and_hides_stop(factory):
+    from gptcpu.engine.tokenizer import TextStream
+
+    tok = gptcpu.load(factory.converted("gpt2")).tokenizer
+    text = "naïve 日本語 🙂 code: x = 1\nEND of it"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens
+    stream = TextStream(tok)
+    pieces = [stream.push(t) for t in ids] + [stream.finish()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    stream = TextStream(tok, stop=["END"])
+    shown = "".join([stream.push(t) for t in ids] + [stream.finish()])
+    assert shown == text[:text.index("END")]
+
+
+def test_generate_cli_streams_the_model_output(factory):
+    folder = factory.converted("gpt2")
+    m = gptcpu.load(folder)
+    text = "Hello world, this is"
+    want = m.tokenizer.decode(list(m.generate(m.tokenizer.encode(text), 12)))
+    r = run_cli("generate", "--model", folder, "--temperature", "0", "--max-new-tokens", "12",
+                "--threads", "1", "--verbose", text)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+    assert "decode" in r.stderr and "tok/s" in r.stderr
+    r = run_cli("generate", "--model", folder, "word " * 80)
+    assert_one_line_error(r, "81 tokens", "64")
+    r = run_cli("generate", "--model", folder, "--truncate", "left", "--max-new-tokens", "3", "word " * 80)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("generate", "--model", folder / "missing", "hi")
+    assert_one_line_error(r, "missing")
