@@ -22,7 +22,7 @@ from gptcpu.engine.errors import GptcpuError
 from .maps import Out, plan
 from .sources import open_weights, read_hf_config, resolve
 from .tokenizer import write_tokenizer
-from .writer import DTYPES, SafetensorsWriter, cast_into
+from .writer import DTYPES, SafetensorsWriter, cast
 
 __all__ = ["convert", "default_out"]
 
@@ -77,6 +77,24 @@ def convert(source: str, out: str | Path | None = None, dtype: str = "f16", revi
     return out
 
 
+SLAB_BYTES = 32 << 20  # an output tensor is assembled and written this much at a time
+
+
+def _slabs(o: Out, sources: list, dtype):
+    """The output tensor o, as row slabs cast to dtype, from its (transposed) source pieces."""
+    pieces = [np.zeros(p.shape, np.float32) if s is None else (s.T if o.linear else s)
+              for p, s in zip(o.pieces, sources)]
+    width = int(np.prod(o.shape[1:], dtype=np.int64))
+    rows = max(1, SLAB_BYTES // (4 * max(1, width)))
+    if o.axis == 0:   # pieces stacked along the rows: each one in turn
+        for piece in pieces:
+            for r in range(0, piece.shape[0], rows):
+                yield cast(piece[r:r + rows], dtype)
+    else:             # pieces side by side: every slab takes its rows from each of them
+        for r in range(0, o.shape[0], rows):
+            yield np.concatenate([cast(piece[r:r + rows], dtype) for piece in pieces], axis=1)
+
+
 def _write_weights(path: Path, outputs: list[Out], weights, dtype: str, progress: bool | None) -> None:
     from tqdm import tqdm
 
@@ -89,22 +107,12 @@ def _write_weights(path: Path, outputs: list[Out], weights, dtype: str, progress
         with tqdm(total=writer.nbytes, unit="B", unit_scale=True, desc="convert", disable=not show) as bar:
             for name in writer.order:
                 o = by_name[name]
-                array = np.empty(o.shape, np_dtype if o.is_weight else np.float32)
-                at = 0
+                sources = [None if p.src is None else weights.get(p.src) for p in o.pieces]
+                bar.update(writer.write(name, _slabs(o, sources, np_dtype if o.is_weight else np.float32)))
+                del sources
                 for p in o.pieces:
-                    n = (p.shape[::-1] if o.linear else p.shape)[o.axis]  # its extent in the output
-                    dst = array[at:at + n] if o.axis == 0 else array[:, at:at + n]
-                    if p.src is None:
-                        dst[...] = 0
-                    else:
-                        src = weights.get(p.src)
-                        cast_into(dst, src.T if o.linear else src)
-                        del src
+                    if p.src is not None:
                         weights.release(p.src)
-                    at += n
-                writer.write(name, array)
-                bar.update(array.nbytes)
-                del array
     except BaseException:
         writer.abort()
         raise

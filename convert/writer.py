@@ -40,16 +40,25 @@ class SafetensorsWriter:
         self._f = open(path, "wb")
         self._f.write(struct.pack("<Q", len(blob)) + blob)
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        """Write the next tensor (the order is `self.order`); its dtype and shape must match."""
+    def write(self, name: str, slabs) -> int:
+        """Write the next tensor (the order is `self.order`) from an iterable of row slabs whose
+        dtype matches the header and whose bytes add up to its size -> bytes written."""
         expected = self.order[self._next]
-        info = self._header[name]
         if name != expected:
             raise ValueError(f"wrote {name} where {expected} comes next")
-        if list(array.shape) != info["shape"] or array.dtype != ST_DTYPES[info["dtype"]]:
-            raise ValueError(f"{name}: {array.dtype}{list(array.shape)} does not match the header")
-        self._f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+        info = self._header[name]
+        dtype = np.dtype(ST_DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        written = 0
+        for slab in slabs:
+            if slab.dtype != dtype:
+                raise ValueError(f"{name}: a {slab.dtype} slab in a {dtype} tensor")
+            self._f.write(memoryview(np.ascontiguousarray(slab)).cast("B"))
+            written += slab.nbytes
+        if written != end - begin:
+            raise ValueError(f"{name}: wrote {written} bytes of {end - begin}")
         self._next += 1
+        return written
 
     def close(self) -> None:
         self._f.close()
@@ -60,15 +69,8 @@ class SafetensorsWriter:
         self._f.close()
 
 
-def cast_into(out: np.ndarray, src: np.ndarray, chunk_bytes: int = 64 << 20) -> None:
-    """out[...] = src, cast to out's dtype (uint16 = bf16 bits), a slab of rows at a time so the
-    temporaries stay small whatever the tensor size or the source's strides."""
-    if out.ndim == 0 or out.shape[0] == 0:
-        return
-    rows = max(1, chunk_bytes // max(1, src[0].size * 4))
-    for r in range(0, out.shape[0], rows):
-        part = src[r:r + rows]
-        if out.dtype == np.uint16:
-            out[r:r + rows] = f32_to_bf16(part)
-        else:
-            out[r:r + rows] = part
+def cast(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """block as dtype (uint16 = bf16 bits, rounded to nearest even), contiguous."""
+    if dtype == np.uint16:
+        return f32_to_bf16(block)
+    return np.ascontiguousarray(block, dtype=dtype)
