@@ -22,7 +22,7 @@ from gptcpu.engine.errors import GptcpuError
 from .maps import Out, plan
 from .sources import open_weights, read_hf_config, resolve
 from .tokenizer import write_tokenizer
-from .writer import DTYPES, SafetensorsWriter, cast
+from .writer import DTYPES, OutOfRange, SafetensorsWriter, cast
 
 __all__ = ["convert", "default_out"]
 
@@ -108,7 +108,10 @@ def _write_weights(path: Path, outputs: list[Out], weights, dtype: str, progress
             for name in writer.order:
                 o = by_name[name]
                 sources = [None if p.src is None else weights.get(p.src) for p in o.pieces]
-                bar.update(writer.write(name, _slabs(o, sources, np_dtype if o.is_weight else np.float32)))
+                try:
+                    bar.update(writer.write(name, _slabs(o, sources, np_dtype if o.is_weight else np.float32)))
+                except OutOfRange as e:
+                    raise GptcpuError(f"tensor {name}: {e}; convert with --dtype bf16 or f32") from None
                 del sources
                 for p in o.pieces:
                     if p.src is not None:

@@ -69,8 +69,16 @@ class SafetensorsWriter:
         self._f.close()
 
 
+class OutOfRange(ValueError):
+    """A finite value that the target dtype can only hold as infinity (f16 stops at 65,504)."""
+
+
 def cast(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """block as dtype (uint16 = bf16 bits, rounded to nearest even), contiguous."""
     if dtype == np.uint16:
         return f32_to_bf16(block)
-    return np.ascontiguousarray(block, dtype=dtype)
+    with np.errstate(over="ignore"):  # checked below, with a better message
+        out = np.ascontiguousarray(block, dtype=dtype)
+    if dtype == np.float16 and not np.isfinite(out).all() and np.isfinite(block).all():
+        raise OutOfRange(f"values up to {np.abs(block).max():g} overflow f16 (max 65504)")
+    return out

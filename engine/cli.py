@@ -91,6 +91,19 @@ def cmd_generate(args) -> None:
             print(f"  {line}", file=sys.stderr)
 
 
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate
+    from .model import load
+
+    model = load(args.model, threads=args.threads)
+    r = evaluate(model, args.files, stride=args.stride)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "dtype": model.config.dtype, **r.as_dict()}))
+    else:
+        print(f"{r.tokens:,} tokens ({r.bytes:,} bytes): perplexity {r.perplexity:.4f}, "
+              f"{r.bits_per_byte:.4f} bits per byte ({model.config.dtype})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gptcpu", description="Run GPT-J and GPT-2 checkpoints on CPUs.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -128,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     g.add_argument("--verbose", "-v", action="store_true", help="timings and thread pools on stderr")
     g.set_defaults(run=cmd_generate)
+
+    e = sub.add_parser("eval", help="perplexity and bits per byte of a model over text files")
+    e.add_argument("model", help="gptcpu model folder")
+    e.add_argument("files", nargs="+", help="UTF-8 text files")
+    e.add_argument("--stride", type=int, help="tokens the window slides by (default: half the context)")
+    e.add_argument("--threads", type=int, help="BLAS threads")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.set_defaults(run=cmd_eval)
     return p
 
 

@@ -168,6 +168,12 @@ def test_errors_are_one_line_and_leave_nothing(factory, workdir):
     r = run_cli("convert", mutate(factory, workdir, "llama", lambda s, c: c.update(model_type="llama")), "--out", out)
     assert_one_line_error(r, "'llama'", "gpt2", "gptj")
 
+    def too_big_for_f16(state, cfg):
+        state["h.0.mlp.c_proj.weight"][3, 4] = 1e5
+
+    r = run_cli("convert", mutate(factory, workdir, "huge", too_big_for_f16), "--out", out, "--dtype", "f16")
+    assert_one_line_error(r, "blocks.0.mlp.w_out", "overflow f16", "bf16")
+
     r = run_cli("convert", workdir / "does-not-exist", "--out", out)
     assert_one_line_error(r, "does-not-exist")
 
@@ -192,6 +198,22 @@ def test_truncated_shard_fails_cleanly(factory, workdir):
     r = run_cli("convert", src, "--out", out)
     assert_one_line_error(r, "pytorch_model-00002-of-00003.bin")
     assert not out.exists() and not [p for p in workdir.iterdir() if ".partial-" in p.name]
+
+
+def test_legacy_torch_format(factory, workdir):
+    """A pre-1.6 torch file (not a zip archive) cannot be mmap'd: it is read whole, with a warning."""
+    src = workdir / "legacy"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(factory.checkpoint("gpt2", "original-bin"), src)
+    state = torch.load(src / "pytorch_model.bin", weights_only=True)
+    torch.save(state, src / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with pytest.warns(UserWarning, match="legacy format"):
+        out = gptcpu.convert(str(src), workdir / "from-legacy", dtype="f32")
+    want = mmap_tensors(factory.converted("gpt2", "f32", "original-bin") / "model.safetensors")
+    got = mmap_tensors(out / "model.safetensors")
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 def test_existing_output_needs_force(factory, workdir):
