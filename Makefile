@@ -14,8 +14,10 @@ $(VENV)/.test-installed: pyproject.toml
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q tests
 
+# Never run two benchmarks at once on a 2-core machine.
 bench: $(VENV)/.test-installed
-	$(PY) -m gptcpu.bench.speed
+	$(PY) -m gptcpu.bench.speed --shape gpt2
+	$(PY) -m gptcpu.bench.convert_memory --layers 4 --dtype f16 | tee bench/results/convert-memory.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

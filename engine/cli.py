@@ -22,12 +22,24 @@ def default_model_record() -> Path:
     return gptcpu_home() / "default-model"
 
 
+EMBEDDED = Path(__file__).resolve().parent / "demo"  # the trained demo checkpoint (HF format)
+
+
 def default_model() -> str:
+    """$GPTCPU_MODEL, else the last model `gptcpu convert` wrote, else the embedded demo model
+    (converted on first use into $GPTCPU_HOME/models/demo-f32)."""
+    from gptcpu.convert import convert, gptcpu_home
+
     if os.environ.get("GPTCPU_MODEL"):
         return os.environ["GPTCPU_MODEL"]
     record = default_model_record()
-    if record.exists():
+    if record.exists() and Path(record.read_text().strip()).is_dir():
         return record.read_text().strip()
+    if (EMBEDDED / "model.safetensors").exists():
+        out = gptcpu_home() / "models" / "demo-f32"
+        if not (out / "model.safetensors").exists():
+            convert(str(EMBEDDED), out, dtype="f32", force=True, progress=False)
+        return str(out)
     raise GptcpuError("no model: pass --model DIR, or convert one first (gptcpu convert SOURCE)")
 
 

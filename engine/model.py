@@ -236,12 +236,19 @@ def load_weights(path: Path, config: Config) -> dict[str, np.ndarray]:
     return weights
 
 
-def load(path, threads: int | None = None) -> Model:
-    """Load a gptcpu model folder (written by `gptcpu convert`) -> Model. threads sets the BLAS pool."""
+BACKENDS = ("openblas",)  # NumPy's own BLAS; MKL is planned
+
+
+def load(path, threads: int | None = None, backend: str | None = None) -> Model:
+    """Load a gptcpu model folder (written by `gptcpu convert`) -> Model.
+
+    threads sets the BLAS pool; backend names the BLAS (None: NumPy's own, OpenBLAS)."""
     from .config import Config
     from .threads import set_threads
     from .tokenizer import Tokenizer
 
+    if backend not in (None, *BACKENDS):
+        raise GptcpuError(f"unsupported backend {backend!r}; available: {', '.join(BACKENDS)}")
     path = Path(path)
     if not path.is_dir():
         raise GptcpuError(f"{path} is not a model folder")
