@@ -22,7 +22,7 @@ from gptcpu.engine.errors import GptcpuError
 from .maps import Out, plan
 from .sources import open_weights, read_hf_config, resolve
 from .tokenizer import write_tokenizer
-from .writer import DTYPES, OutOfRange, SafetensorsWriter, cast
+from .writer import DTYPES, OutOfRange, SafetensorsWriter, cast, q8_scales, quantize
 
 __all__ = ["convert", "default_out"]
 
@@ -68,7 +68,7 @@ def convert(source: str, out: str | Path | None = None, dtype: str = "f16", revi
     try:
         origin["tokenizer"] = write_tokenizer(folder, tmp)
         _write_weights(tmp / "model.safetensors", outputs, weights, dtype, progress)
-        _verify(tmp / "model.safetensors", outputs)
+        _verify(tmp / "model.safetensors", outputs, dtype)
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         _replace(tmp, out)
     except BaseException:
@@ -80,19 +80,53 @@ def convert(source: str, out: str | Path | None = None, dtype: str = "f16", revi
 SLAB_BYTES = 32 << 20  # an output tensor is assembled and written this much at a time
 
 
-def _slabs(o: Out, sources: list, dtype):
-    """The output tensor o, as row slabs cast to dtype, from its (transposed) source pieces."""
-    pieces = [np.zeros(p.shape, np.float32) if s is None else (s.T if o.linear else s)
-              for p, s in zip(o.pieces, sources)]
-    width = int(np.prod(o.shape[1:], dtype=np.int64))
-    rows = max(1, SLAB_BYTES // (4 * max(1, width)))
+def _pieces(o: Out, sources: list) -> list[np.ndarray]:
+    """o's pieces in the output orientation (views: nothing is read yet)."""
+    return [np.zeros(p.shape, np.float32) if s is None else (s.T if o.linear else s)
+            for p, s in zip(o.pieces, sources)]
+
+
+def _rows_per_slab(o: Out) -> int:
+    return max(1, SLAB_BYTES // (4 * max(1, int(np.prod(o.shape[1:], dtype=np.int64)))))
+
+
+def _slabs(o: Out, sources: list, convert_rows):
+    """The output tensor o as row slabs, convert_rows(rows of one piece, first row) applied to
+    each piece's rows; pieces come from the (transposed) sources."""
+    pieces, rows = _pieces(o, sources), _rows_per_slab(o)
     if o.axis == 0:   # pieces stacked along the rows: each one in turn
+        at = 0
         for piece in pieces:
             for r in range(0, piece.shape[0], rows):
-                yield cast(piece[r:r + rows], dtype)
+                yield convert_rows(piece[r:r + rows], at + r, slice(None))
+            at += piece.shape[0]
     else:             # pieces side by side: every slab takes its rows from each of them
         for r in range(0, o.shape[0], rows):
-            yield np.concatenate([cast(piece[r:r + rows], dtype) for piece in pieces], axis=1)
+            parts, col = [], 0
+            for piece in pieces:
+                parts.append(convert_rows(piece[r:r + rows], r, slice(col, col + piece.shape[1])))
+                col += piece.shape[1]
+            yield np.concatenate(parts, axis=1)
+
+
+def _absmax(o: Out, sources: list) -> np.ndarray:
+    """The largest |weight| of each output channel of o (a first pass over its sources)."""
+    pieces, rows = _pieces(o, sources), _rows_per_slab(o)
+    if o.per_row:
+        return np.concatenate([np.abs(piece).max(axis=1) for piece in pieces]).astype(np.float32)
+    if o.axis == 1:
+        cols = []
+        for piece in pieces:
+            m = np.zeros(piece.shape[1], np.float32)
+            for r in range(0, piece.shape[0], rows):
+                np.maximum(m, np.abs(piece[r:r + rows]).max(axis=0), out=m)
+            cols.append(m)
+        return np.concatenate(cols)
+    m = np.zeros(o.shape[1], np.float32)
+    for piece in pieces:
+        for r in range(0, piece.shape[0], rows):
+            np.maximum(m, np.abs(piece[r:r + rows]).max(axis=0), out=m)
+    return m
 
 
 def _write_weights(path: Path, outputs: list[Out], weights, dtype: str, progress: bool | None) -> None:
@@ -101,6 +135,10 @@ def _write_weights(path: Path, outputs: list[Out], weights, dtype: str, progress
     st_dtype, np_dtype = DTYPES[dtype]
     specs = [(o.name, st_dtype if o.is_weight else "F32", o.shape) for o in outputs]
     by_name = {o.name: o for o in outputs}
+    scales = {}  # q8: name -> the per-channel scales, written (f32 first) before the int8 weights
+    if dtype == "q8":
+        specs += [(o.name + ".scale", "F32", (o.channels,)) for o in outputs if o.is_weight]
+        by_name.update({o.name + ".scale": o for o in outputs if o.is_weight})
     writer = SafetensorsWriter(path, specs, {"format": "pt", "gptcpu": "1"})
     show = sys.stderr.isatty() if progress is None else progress
     try:
@@ -108,10 +146,20 @@ def _write_weights(path: Path, outputs: list[Out], weights, dtype: str, progress
             for name in writer.order:
                 o = by_name[name]
                 sources = [None if p.src is None else weights.get(p.src) for p in o.pieces]
-                try:
-                    bar.update(writer.write(name, _slabs(o, sources, np_dtype if o.is_weight else np.float32)))
-                except OutOfRange as e:
-                    raise GptcpuError(f"tensor {name}: {e}; convert with --dtype bf16 or f32") from None
+                if name.endswith(".scale"):
+                    scales[o.name] = q8_scales(_absmax(o, sources))
+                    bar.update(writer.write(name, [scales[o.name]]))
+                elif dtype == "q8" and o.is_weight:
+                    s = scales[o.name]
+                    rows = (lambda b, r, c: quantize(b, s[r:r + len(b), None])) if o.per_row else \
+                           (lambda b, r, c: quantize(b, s[c]))
+                    bar.update(writer.write(name, _slabs(o, sources, rows)))
+                else:
+                    to = np_dtype if o.is_weight else np.float32
+                    try:
+                        bar.update(writer.write(name, _slabs(o, sources, lambda b, r, c: cast(b, to))))
+                    except OutOfRange as e:
+                        raise GptcpuError(f"tensor {name}: {e}; convert with --dtype bf16 or f32") from None
                 del sources
                 for p in o.pieces:
                     if p.src is not None:
@@ -122,13 +170,15 @@ def _write_weights(path: Path, outputs: list[Out], weights, dtype: str, progress
     writer.close()
 
 
-def _verify(path: Path, outputs: list[Out]) -> None:
+def _verify(path: Path, outputs: list[Out], dtype: str) -> None:
     """The file must open with the safetensors library itself and hold exactly what we meant."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as f:
         got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     want = {o.name: o.shape for o in outputs}
+    if dtype == "q8":
+        want.update({o.name + ".scale": (o.channels,) for o in outputs if o.is_weight})
     if got != want:
         raise GptcpuError(f"internal error: {path} does not hold the tensors it should")
 

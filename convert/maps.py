@@ -33,6 +33,17 @@ class Out:
     is_weight: bool = True   # weight matrices take the model dtype; norms and biases stay f32
 
     @property
+    def per_row(self) -> bool:
+        """Embedding tables ([rows, C]: a token's or a position's vector) have one output channel
+        per row (the tied LM head reads wte's rows); every other matrix is [in, out]."""
+        return self.name in ("wte", "wpe")
+
+    @property
+    def channels(self) -> int:
+        """Output channels: q8 keeps one f32 scale for each."""
+        return self.shape[0] if self.per_row else self.shape[-1]
+
+    @property
     def shape(self) -> tuple[int, ...]:
         shapes = [p.shape[::-1] if self.linear else p.shape for p in self.pieces]
         out = list(shapes[0])

@@ -16,7 +16,9 @@ import numpy as np
 from gptcpu.engine.weights import ST_DTYPES, f32_to_bf16
 
 # our dtype names -> (safetensors dtype, NumPy dtype of the stored bytes)
-DTYPES = {"f32": ("F32", np.float32), "f16": ("F16", np.float16), "bf16": ("BF16", np.uint16)}
+DTYPES = {"f32": ("F32", np.float32), "f16": ("F16", np.float16), "bf16": ("BF16", np.uint16),
+          "q8": ("I8", np.int8)}
+Q8_MAX = 127  # symmetric: -127..127, so -scale * 127 and scale * 127 are both exact
 ALIGN = 64  # the data section starts on a cache line; tensors follow in falling itemsize order
 
 
@@ -71,6 +73,16 @@ class SafetensorsWriter:
 
 class OutOfRange(ValueError):
     """A finite value that the target dtype can only hold as infinity (f16 stops at 65,504)."""
+
+
+def q8_scales(absmax: np.ndarray) -> np.ndarray:
+    """Per-channel scales from each channel's largest |weight| (an all-zero channel gets 1)."""
+    return np.where(absmax > 0, absmax / np.float32(Q8_MAX), np.float32(1)).astype(np.float32)
+
+
+def quantize(block: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Round to nearest: |w - q * scale| <= scale / 2 for every weight. scale broadcasts over block."""
+    return np.clip(np.rint(np.asarray(block, np.float32) / scale), -Q8_MAX, Q8_MAX).astype(np.int8)
 
 
 def cast(block: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="a Hugging Face checkpoint (hub id or folder) -> a gptcpu model folder")
     c.add_argument("source", help="hub id (EleutherAI/gpt-j-6b) or local folder")
     c.add_argument("--out", type=Path, help="output folder (default: $GPTCPU_HOME/models/NAME-DTYPE)")
-    c.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f16",
-                   help="storage type of the weight matrices (norms and biases stay f32)")
+    c.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8"], default="f16",
+                   help="storage type of the weight matrices; norms and biases stay f32; q8 is int8 "
+                        "with an f32 scale per output channel")
     c.add_argument("--revision", help="hub branch, tag or commit")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out")
     c.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -12,7 +12,7 @@ from .errors import GptcpuError
 FORMAT = "gptcpu/1"
 ARCHS = ("gpt2", "gptj")
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
-DTYPES = ("f32", "f16", "bf16")
+DTYPES = ("f32", "f16", "bf16", "q8")
 
 
 @dataclass(frozen=True)

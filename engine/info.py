@@ -75,7 +75,7 @@ def account(c: Config, bandwidth_gbps: float = 30.0, ram_bytes: int | None = Non
                     per_layer[_component(p.src)] += k
         if o.is_weight:
             matrices += n
-            out_channels += o.shape[-1]
+            out_channels += o.channels
             if o.name not in ("wte", "wpe") or (o.name == "wte" and c.tied_head):
                 streamed += n   # the embedding tables are gathered from, except a tied head
         else:

@@ -15,14 +15,15 @@ import numpy as np
 from .config import Config
 from .errors import GptcpuError
 from .kv_cache import KVCache
-from .weights import bf16_to_f32, mmap_tensors
+from .weights import Packed, mmap_tensors
 
 F32 = np.float32
 MASKED = np.finfo(F32).min  # added to masked scores: exp() underflows to 0 without inf - inf = NaN
 
 
 def linear(x, w, b=None):  # [..., in], [in, out], [out] -> [..., out]
-    y = x.reshape(-1, x.shape[-1]) @ w   # one GEMM (GEMV when B*T = 1), whatever the batch
+    # one GEMM (GEMV when B*T = 1), whatever the batch; a Packed w runs its compiled kernel
+    y = x.reshape(-1, x.shape[-1]) @ w
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], w.shape[1])
@@ -61,6 +62,10 @@ ACTIVATIONS = {
     "gelu": lambda x: x * F32(0.5) * (1 + erf(x * F32(1 / math.sqrt(2)))),
     "relu": lambda x: np.maximum(x, 0, out=x),
 }
+
+
+def embed(table, idx):  # [rows, C] f32 or Packed, int [...] -> [..., C] float32, a fresh array
+    return table.rows(idx) if isinstance(table, Packed) else table[idx]
 
 
 def softmax_(x):  # in place over the last axis
@@ -104,7 +109,11 @@ class Model:
         self.tokenizer = tokenizer
         self.path = path
         self.act = ACTIVATIONS[config.activation]
-        self.head_w = weights["wte"].T if config.tied_head else weights["lm_head.weight"]  # [C, V]
+        wte = weights["wte"]
+        if config.tied_head:  # [C, V]: the embedding table read by rows
+            self.head_w = Packed(wte.bits, wte.dtype, wte.scale, per_row=True) if isinstance(wte, Packed) else wte.T
+        else:
+            self.head_w = weights["lm_head.weight"]
         self.head_b = weights.get("lm_head.bias")
         if config.rotary_dim:
             self.cos, self.sin = rotary_tables(config.n_ctx, config.rotary_dim)
@@ -132,9 +141,9 @@ class Model:
             raise GptcpuError(f"position {pos.max()} is past the context of {c.n_ctx} tokens")
         bias = self._attention_bias(valid, t0, T)
 
-        x = self.w["wte"][ids]                                 # [B, T, C], a fresh copy
+        x = embed(self.w["wte"], ids)                          # [B, T, C]
         if c.arch == "gpt2":
-            x += self.w["wpe"][pos]
+            x += embed(self.w["wpe"], pos)
         rot = (self.cos[pos][:, :, None], self.sin[pos][:, :, None]) if c.rotary_dim else None
         for i in range(c.n_layer):
             x = self.block(i, x, cache, bias, rot)
@@ -212,8 +221,8 @@ class Model:
         return generate_batch(self, prompts, max_new_tokens, **sampling)
 
 
-def load_weights(path: Path, config: Config) -> dict[str, np.ndarray]:
-    """The model's tensors: f32 as zero-copy mmap views; f16/bf16 upcast once to f32."""
+def load_weights(path: Path, config: Config) -> dict[str, np.ndarray | Packed]:
+    """The model's tensors as zero-copy mmap views: f32 arrays, or Packed low-precision matrices."""
     from gptcpu.convert.maps import ARCHS  # the format's names and shapes are defined once, there
 
     file = path / "model.safetensors"
@@ -228,10 +237,14 @@ def load_weights(path: Path, config: Config) -> dict[str, np.ndarray]:
             raise GptcpuError(f"{file} lacks tensor {o.name}")
         if t.shape != o.shape:
             raise GptcpuError(f"{file}: tensor {o.name} has shape {list(t.shape)}, expected {list(o.shape)}")
-        if t.dtype == np.uint16:
-            t = bf16_to_f32(t)
-        elif t.dtype != F32:
-            t = t.astype(F32)
+        want = {"f32": F32, "f16": np.float16, "bf16": np.uint16, "q8": np.int8}[config.dtype] if o.is_weight else F32
+        if t.dtype != want:
+            raise GptcpuError(f"{file}: tensor {o.name} is {t.dtype}, expected {np.dtype(want)} ({config.dtype})")
+        if o.is_weight and config.dtype != "f32":
+            scale = tensors.get(o.name + ".scale") if config.dtype == "q8" else None
+            if config.dtype == "q8" and (scale is None or scale.shape != (o.channels,)):
+                raise GptcpuError(f"{file} lacks the {o.channels} scales of {o.name}")
+            t = Packed(t, config.dtype, scale)
         weights[o.name] = t
     return weights
 

@@ -83,3 +83,70 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     if nan.any():
         rounded[nan] = 0x7FC0
     return rounded
+
+
+class Packed:
+    """A weight matrix kept as its stored low-precision bits, widened only in registers.
+
+    bits: [K, N] for an [in, out] matrix, or [N, K] for an embedding table read as the tied LM
+    head (per_row). dtype: "bf16" (uint16 bits), "f16" (int16 view of the float16 bits) or "q8"
+    (int8, with `scale`: one f32 per output channel, applied to the sums).
+    """
+
+    __array_ufunc__ = None   # so that `x @ packed` calls our __rmatmul__
+    MATVEC_ROWS = 8          # up to this many rows (decode, small batches): the compiled GEMV
+    PREFILL_COLS = 2048      # more rows (prefill): widen this many columns at a time, then sgemm
+
+    def __init__(self, bits: np.ndarray, dtype: str, scale: np.ndarray | None = None, per_row: bool = False):
+        self.bits = bits.view(np.int16) if dtype == "f16" else bits
+        self.dtype, self.scale, self.per_row = dtype, scale, per_row
+        self._buffer = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical [in, out] shape of the product x @ w."""
+        return self.bits.shape[::-1] if self.per_row else self.bits.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.nbytes + (self.scale.nbytes if self.scale is not None else 0)
+
+    def rows(self, idx) -> np.ndarray:
+        """Rows idx of an embedding table as float32 (the gather for token and position vectors)."""
+        b = self.bits[idx]
+        if self.dtype == "bf16":
+            out = bf16_to_f32(b)
+        elif self.dtype == "f16":
+            out = b.view(np.float16).astype(np.float32)
+        else:
+            out = b.astype(np.float32) * self.scale[idx][..., None]
+        return out
+
+    def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
+        """x [M, K] @ self -> [M, N] float32."""
+        from . import kernels
+
+        M = x.shape[0]
+        K, N = self.shape
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if M <= self.MATVEC_ROWS:
+            out = np.empty((M, N), np.float32)
+            (kernels.matvec_t if self.per_row else kernels.matvec)(x, self.bits, out)
+        else:
+            out = np.empty((M, N), np.float32)
+            cols = min(N, self.PREFILL_COLS)
+            if self._buffer is None or self._buffer.size < K * cols:
+                self._buffer = np.empty(K * cols, np.float32)
+            for c0 in range(0, N, cols):
+                c1 = min(N, c0 + cols)
+                if self.per_row:   # rows c0:c1 of the table are columns c0:c1 of the product
+                    block = self._buffer[:(c1 - c0) * K].reshape(c1 - c0, K)
+                    kernels.widen_into(self.bits[c0:c1], block)
+                    np.matmul(x, block.T, out=out[:, c0:c1])
+                else:
+                    block = self._buffer[:K * (c1 - c0)].reshape(K, c1 - c0)
+                    kernels.widen_into(self.bits[:, c0:c1], block)
+                    np.matmul(x, block, out=out[:, c0:c1])
+        if self.scale is not None:
+            out *= self.scale
+        return out

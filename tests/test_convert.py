@@ -85,6 +85,28 @@ def test_half_precision_weights_round_and_vectors_stay_f32(factory, shape, dtype
             assert np.abs(bf16_to_f32(t) - w).max() <= np.abs(w).max() * 2 ** -8
 
 
+@pytest.mark.parametrize("shape", ["gpt2-untied", "gptj"])
+def test_q8_round_trip_error_bound(factory, shape):
+    """Symmetric per-output-channel int8: |w - q * scale| <= scale / 2 for every weight."""
+    out = factory.converted(shape, "q8")
+    config = Config.load(out)
+    tensors = mmap_tensors(out / "model.safetensors")
+    want = expected_tensors(factory.hf_model(shape), config)
+    for o in ARCHS[config.arch].outputs(config):
+        t, w = tensors[o.name], want[o.name]
+        if not o.is_weight:
+            assert t.dtype == np.float32
+            continue
+        scale = tensors[o.name + ".scale"]
+        assert t.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (o.channels,)
+        s = scale[:, None] if o.per_row else scale
+        assert np.abs(t).max() <= 127
+        err = np.abs(t.astype(np.float64) * s - w)
+        assert (err <= s / 2 * (1 + 1e-6) + 1e-7 * np.abs(w)).all(), o.name
+        absmax = np.abs(w).max(axis=1 if o.per_row else 0)
+        np.testing.assert_allclose(scale, absmax / 127, rtol=1e-6)
+
+
 def test_folder_format(factory, tokenizer_files):
     out = factory.converted("gptj", "f16")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",

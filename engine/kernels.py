@@ -1,0 +1,104 @@
+"""Compiled kernels for low-precision weights: they convert in registers, never in memory.
+
+A decode step reads every weight once, so its speed is bandwidth / bytes per weight: bf16 and
+f16 weights read half the bytes of f32, int8 a quarter. BLAS has no fast half-precision GEMV on
+most CPUs and NumPy's casts run near 1 GB/s, so these loops are compiled with numba: each
+thread owns a block of output columns and streams the weight rows through it, four rows at a
+time so the accumulators stay in registers.
+
+Weights are passed as raw bits, their NumPy type saying what they hold: bf16 as uint16, f16 as
+int16 (a view of the float16 bits), q8 as int8 (its per-output-channel scale applied after). f16 bits are widened exactly for every finite value (the converter refuses
+weights that overflow f16), subnormals included.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic, overload
+
+F32 = np.float32
+BLOCK = 256  # output columns per parallel task (a multiple of the SIMD width)
+
+
+@intrinsic
+def _bits_to_f32(typingctx, u):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return sig, codegen
+
+
+def widen(v):
+    """One stored weight -> float32, by its storage type (resolved at compile time)."""
+
+
+@overload(widen, inline="always")
+def _widen(v):
+    if v == types.int8:       # q8 (the scale is applied to the sum)
+        return lambda v: np.float32(v)
+    if v == types.uint16:     # bf16: the top half of an f32
+        return lambda v: _bits_to_f32(np.uint32(v) << np.uint32(16))
+    if v == types.int16:      # f16 bits: exponent and mantissa into f32 place, then * 2^112
+        def f16(v):
+            u = np.uint32(np.uint16(v))
+            bits = ((u & np.uint32(0x7FFF)) << np.uint32(13)) | ((u & np.uint32(0x8000)) << np.uint32(16))
+            return _bits_to_f32(bits) * np.float32(5.192296858534828e33)
+        return f16
+    return None
+
+
+@njit(parallel=True, fastmath=True, boundscheck=False, cache=True)
+def matvec(x, w, out):
+    """out[M, N] = x[M, K] @ w[K, N] for a small M (decode), w in its stored bits."""
+    M, K = x.shape
+    N = w.shape[1]
+    nblk = (N + BLOCK - 1) // BLOCK
+    for b in prange(nblk):
+        n0 = b * BLOCK
+        n1 = min(N, n0 + BLOCK)
+        n = n1 - n0
+        for m in range(M):
+            acc = np.zeros(n, np.float32)
+            k = 0
+            while k + 4 <= K:
+                x0, x1, x2, x3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
+                r0, r1, r2, r3 = w[k, n0:n1], w[k + 1, n0:n1], w[k + 2, n0:n1], w[k + 3, n0:n1]
+                for j in range(n):
+                    acc[j] += x0 * widen(r0[j]) + x1 * widen(r1[j]) + x2 * widen(r2[j]) + x3 * widen(r3[j])
+                k += 4
+            while k < K:
+                xk, r0 = x[m, k], w[k, n0:n1]
+                for j in range(n):
+                    acc[j] += xk * widen(r0[j])
+                k += 1
+            out[m, n0:n1] = acc
+
+
+@njit(parallel=True, fastmath=True, boundscheck=False, cache=True)
+def matvec_t(x, w, out):
+    """out[M, N] = x[M, K] @ w[N, K].T for a small M: the tied LM head reads the embedding [V, C]."""
+    M, K = x.shape
+    N = w.shape[0]
+    nblk = (N + BLOCK - 1) // BLOCK
+    for b in prange(nblk):
+        for n in range(b * BLOCK, min(N, b * BLOCK + BLOCK)):
+            row = w[n]
+            for m in range(M):
+                s = np.float32(0)
+                for k in range(K):
+                    s += x[m, k] * widen(row[k])
+                out[m, n] = s
+
+
+@njit(parallel=True, fastmath=True, boundscheck=False, cache=True)
+def widen_into(w, out):
+    """out[K, N] f32 = w[K, N] widened, in parallel (prefill upcasts one layer into a buffer)."""
+    K = w.shape[0]
+    for k in prange(K):
+        row, dst = w[k], out[k]
+        for j in range(row.shape[0]):
+            dst[j] = widen(row[j])

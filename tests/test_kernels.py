@@ -1,0 +1,71 @@
+"""The compiled low-precision kernels against NumPy f32 on the same widened weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gptcpu.engine import kernels
+from gptcpu.engine.weights import Packed, bf16_to_f32, f32_to_bf16
+
+SHAPES = [(1, 7, 5), (1, 768, 2304), (3, 769, 1001), (2, 130, 257), (8, 64, 513), (1, 1, 1), (5, 33, 256)]
+
+
+def stored(w32: np.ndarray, dtype: str):
+    """-> (the bits as kernels take them, the exact f32 values they hold)."""
+    if dtype == "bf16":
+        bits = f32_to_bf16(w32)
+        return bits, bf16_to_f32(bits)
+    if dtype == "f16":
+        h = w32.astype(np.float16)
+        return h.view(np.int16), h.astype(np.float32)
+    q = np.clip(np.rint(w32 * 40), -127, 127).astype(np.int8)
+    return q, q.astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "q8"])
+@pytest.mark.parametrize("M,K,N", SHAPES)
+def test_matvec_kernels_match_numpy(M, K, N, dtype):
+    rng = np.random.default_rng(K * N + M)
+    w32 = rng.standard_normal((K, N), dtype=np.float32)
+    x = rng.standard_normal((M, K), dtype=np.float32)
+    bits, exact = stored(w32, dtype)
+    want = x @ exact
+    scale = np.abs(want).max() + 1e-30
+    out = np.empty((M, N), np.float32)
+    kernels.matvec(x, bits, out)
+    assert np.abs(out - want).max() / scale < 1e-5
+    kernels.matvec_t(x, np.ascontiguousarray(bits.T), out)
+    assert np.abs(out - want).max() / scale < 1e-5
+    buf = np.empty((K, N), np.float32)
+    kernels.widen_into(bits, buf)
+    np.testing.assert_array_equal(buf, exact)
+
+
+def test_f16_widening_is_exact_for_every_finite_half():
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.int16)
+    finite = np.isfinite(bits.view(np.float16))
+    bits = bits[finite].reshape(1, -1)
+    out = np.empty(bits.shape, np.float32)
+    kernels.widen_into(bits, out)
+    np.testing.assert_array_equal(out, bits.view(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "q8"])
+@pytest.mark.parametrize("M", [1, 8, 9, 40])
+def test_packed_matmul_every_path(dtype, M):
+    """Decode (compiled GEMV) and prefill (widen column blocks + sgemm) paths, scales, per-row tables."""
+    rng = np.random.default_rng(M)
+    K, N = 96, 5000  # more columns than one prefill block
+    w32 = rng.standard_normal((K, N), dtype=np.float32)
+    bits, exact = stored(w32, dtype)
+    scale = rng.uniform(0.5, 2, N).astype(np.float32) if dtype == "q8" else None
+    x = rng.standard_normal((M, K), dtype=np.float32)
+    want = x @ (exact * scale if scale is not None else exact)
+    got = x @ Packed(bits.view(np.uint16) if dtype == "f16" else bits, dtype, scale)
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+    table = Packed(np.ascontiguousarray((bits.view(np.uint16) if dtype == "f16" else bits).T), dtype,
+                   scale, per_row=True)  # an embedding [N, K] read as the tied head
+    np.testing.assert_allclose(x @ table, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+    rows = table.rows(np.array([0, 7, N - 1]))
+    np.testing.assert_array_equal(rows, (exact * scale if scale is not None else exact).T[[0, 7, N - 1]])
