@@ -57,6 +57,20 @@ def cmd_convert(args) -> None:
 def cmd_info(args) -> None:
     from .info import account, config_of, render
 
+    if args.system:
+        from . import blas
+        from .threads import describe, set_threads
+
+        blas.use(args.backend, args.threading)
+        if args.threads:
+            set_threads(args.threads)
+        from .kernels import warm_up
+        warm_up()
+        print("\n".join(describe()))
+        if not args.model:
+            return
+    elif not args.model:
+        raise GptcpuError("info needs a MODEL (or --system)")
     ram = int(args.ram * 2**30) if args.ram else None
     a = account(config_of(args.model), args.bandwidth, ram)
     print(json.dumps(a, indent=2) if args.json else render(a))
@@ -67,7 +81,8 @@ def cmd_generate(args) -> None:
     from .tokenizer import TextStream
 
     t0 = time.perf_counter()
-    model = load(args.model or default_model(), threads=args.threads)
+    model = load(args.model or default_model(), threads=args.threads, backend=args.backend,
+                 threading=args.threading)
     if model.tokenizer is None:
         raise GptcpuError(f"{model.path} has no tokenizer.json")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -107,13 +122,22 @@ def cmd_eval(args) -> None:
     from .evaluate import evaluate
     from .model import load
 
-    model = load(args.model, threads=args.threads)
+    model = load(args.model, threads=args.threads, backend=args.backend, threading=args.threading)
     r = evaluate(model, args.files, stride=args.stride)
     if args.json:
         print(json.dumps({"model": str(args.model), "dtype": model.config.dtype, **r.as_dict()}))
     else:
         print(f"{r.tokens:,} tokens ({r.bytes:,} bytes): perplexity {r.perplexity:.4f}, "
               f"{r.bits_per_byte:.4f} bits per byte ({model.config.dtype})")
+
+
+def add_pool_flags(p) -> None:
+    from .blas import BACKENDS, THREADINGS
+
+    p.add_argument("--threads", type=int, help="threads for the BLAS and the kernels (default: every core)")
+    p.add_argument("--backend", choices=BACKENDS, help="BLAS for f32 GEMMs (default: $GPTCPU_BACKEND or openblas)")
+    p.add_argument("--threading", choices=THREADINGS,
+                   help="threading layer of MKL and the kernels (default: $GPTCPU_THREADING or numba's choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=cmd_convert)
 
     i = sub.add_parser("info", help="parameters, bytes, FLOPs and KV cache of a model, from its config")
-    i.add_argument("model", help="gptcpu folder, Hugging Face folder, config.json or hub id")
+    i.add_argument("model", nargs="?", help="gptcpu folder, Hugging Face folder, config.json or hub id")
+    i.add_argument("--system", action="store_true",
+                   help="the BLAS, threading layers and thread counts in effect (with --backend/--threading/--threads)")
+    add_pool_flags(i)
     i.add_argument("--bandwidth", type=float, default=30.0, metavar="GBPS",
                    help="memory read bandwidth for the roofline (default 30)")
     i.add_argument("--ram", type=float, metavar="GIB", help="RAM for the KV-cache budget (default: this machine's)")
@@ -142,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
     g.add_argument("prompt", help="the prompt text ('-' reads stdin)")
     g.add_argument("--model", help="gptcpu model folder (default: the last converted, or $GPTCPU_MODEL)")
-    g.add_argument("--threads", type=int, help="BLAS threads (default: the library's own choice)")
+    add_pool_flags(g)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=40, help="0 = off")
@@ -159,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="gptcpu model folder")
     e.add_argument("files", nargs="+", help="UTF-8 text files")
     e.add_argument("--stride", type=int, help="tokens the window slides by (default: half the context)")
-    e.add_argument("--threads", type=int, help="BLAS threads")
+    add_pool_flags(e)
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(run=cmd_eval)
     return p

@@ -19,6 +19,36 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 
 F32 = np.float32
+LAYERS = {"openmp": "omp", "tbb": "tbb", "sequential": "workqueue"}  # our names -> numba's
+
+
+def set_threading_layer(threading: str | None) -> None:
+    """Pick numba's threading layer before any kernel runs (None: numba's default order)."""
+    import ctypes
+
+    import numba
+
+    from .blas import find_library
+    from .errors import GptcpuError
+
+    if threading is None:
+        return
+    if threading == "tbb":  # numba finds TBB only if it is loaded (pip's tbb is not on the loader path)
+        tbb = find_library("libtbb.so.12")
+        if tbb is None:
+            raise GptcpuError("the tbb threading layer needs TBB: pip install tbb")
+        ctypes.CDLL(tbb, mode=ctypes.RTLD_GLOBAL)
+    numba.config.THREADING_LAYER = LAYERS[threading]
+
+
+def threading_layer() -> str:
+    """The layer in effect ('not started' until the first parallel kernel has run)."""
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return "not started"
 BLOCK = 256  # output columns per parallel task (a multiple of the SIMD width)
 
 
@@ -102,3 +132,9 @@ def widen_into(w, out):
         row, dst = w[k], out[k]
         for j in range(row.shape[0]):
             dst[j] = widen(row[j])
+
+
+def warm_up() -> None:
+    """Run one tiny kernel, which starts the threading layer (and compiles, or loads the cache)."""
+    x = np.ones((1, 4), np.float32)
+    matvec(x, np.ones((4, 4), np.int8), np.empty((1, 4), np.float32))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import blas
 from .config import Config
 from .errors import GptcpuError
 from .kv_cache import KVCache
@@ -23,7 +24,8 @@ MASKED = np.finfo(F32).min  # added to masked scores: exp() underflows to 0 with
 
 def linear(x, w, b=None):  # [..., in], [in, out], [out] -> [..., out]
     # one GEMM (GEMV when B*T = 1), whatever the batch; a Packed w runs its compiled kernel
-    y = x.reshape(-1, x.shape[-1]) @ w
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2 @ w if isinstance(w, Packed) else blas.matmul(x2, w)
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], w.shape[1])
@@ -249,19 +251,16 @@ def load_weights(path: Path, config: Config) -> dict[str, np.ndarray | Packed]:
     return weights
 
 
-BACKENDS = ("openblas",)  # NumPy's own BLAS; MKL is planned
-
-
-def load(path, threads: int | None = None, backend: str | None = None) -> Model:
+def load(path, threads: int | None = None, backend: str | None = None, threading: str | None = None) -> Model:
     """Load a gptcpu model folder (written by `gptcpu convert`) -> Model.
 
-    threads sets the BLAS pool; backend names the BLAS (None: NumPy's own, OpenBLAS)."""
+    backend: "openblas" (NumPy's own) or "mkl"; threading: "openmp", "tbb" or "sequential"
+    (see gptcpu.engine.blas; both once per process). threads sets every pool at once."""
     from .config import Config
     from .threads import set_threads
     from .tokenizer import Tokenizer
 
-    if backend not in (None, *BACKENDS):
-        raise GptcpuError(f"unsupported backend {backend!r}; available: {', '.join(BACKENDS)}")
+    blas.use(backend, threading)
     path = Path(path)
     if not path.is_dir():
         raise GptcpuError(f"{path} is not a model folder")

@@ -124,7 +124,7 @@ class Packed:
 
     def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
         """x [M, K] @ self -> [M, N] float32."""
-        from . import kernels
+        from . import blas, kernels
 
         M = x.shape[0]
         K, N = self.shape
@@ -142,11 +142,11 @@ class Packed:
                 if self.per_row:   # rows c0:c1 of the table are columns c0:c1 of the product
                     block = self._buffer[:(c1 - c0) * K].reshape(c1 - c0, K)
                     kernels.widen_into(self.bits[c0:c1], block)
-                    np.matmul(x, block.T, out=out[:, c0:c1])
+                    blas.matmul(x, block.T, out=out[:, c0:c1])
                 else:
                     block = self._buffer[:K * (c1 - c0)].reshape(K, c1 - c0)
                     kernels.widen_into(self.bits[:, c0:c1], block)
-                    np.matmul(x, block, out=out[:, c0:c1])
+                    blas.matmul(x, block, out=out[:, c0:c1])
         if self.scale is not None:
             out *= self.scale
         return out

@@ -239,3 +239,41 @@ def test_generate_cli_streams_the_model_output(factory):
     assert r.returncode == 0, r.stderr
     r = run_cli("generate", "--model", folder / "missing", "hi")
     assert_one_line_error(r, "missing")
+
+
+def has_mkl() -> bool:
+    from gptcpu.engine.blas import find_library
+    return find_library("libmkl_rt.so*") is not None and find_library("libtbb.so.12") is not None
+
+
+needs_mkl = pytest.mark.skipif(not has_mkl(), reason="needs the mkl extra (libmkl_rt and libtbb.so.12: "
+                                                     "pip install 'gptcpu[mkl]')")
+
+
+@needs_mkl
+@pytest.mark.parametrize("backend,threading,expect", [
+    ("mkl", "openmp", ["mkl", "(gnu)", "layer omp"]),
+    ("mkl", "tbb", ["mkl", "(tbb)", "layer tbb"]),
+    ("mkl", "sequential", ["(sequential): 1 threads", "layer workqueue"]),
+    ("openblas", "tbb", ["backend openblas", "layer tbb"]),
+])
+def test_backend_and_threading_flags_take_effect(backend, threading, expect):
+    r = run_cli("info", "--system", "--backend", backend, "--threading", threading, "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    for e in expect:
+        assert e in r.stdout, (e, r.stdout)
+    if threading != "sequential":
+        assert all(": 2 threads" in line for line in r.stdout.splitlines() if "threads  [" in line), r.stdout
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_greedy_output_identical_across_backends(factory, dtype):
+    folder = factory.converted("gptj", dtype)
+    outs = set()
+    for backend, threading in [("openblas", "openmp"), ("mkl", "openmp"), ("mkl", "tbb"), ("mkl", "sequential")]:
+        r = run_cli("generate", "--model", folder, "--temperature", "0", "--max-new-tokens", "20",
+                    "--backend", backend, "--threading", threading, "--threads", "2", "Hello world, this is")
+        assert r.returncode == 0, r.stderr
+        outs.add(r.stdout)
+    assert len(outs) == 1

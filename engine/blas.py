@@ -1,0 +1,147 @@
+"""The BLAS behind every f32 GEMM: NumPy's own OpenBLAS, or MKL through its runtime library.
+
+NumPy is linked to OpenBLAS and cannot be pointed at another BLAS, so the MKL backend calls
+`cblas_sgemm` in `libmkl_rt` (pip package `mkl`) with ctypes. MKL's threading layer is chosen
+once, before its first call, with `MKL_Set_Threading_Layer`, to match the kernels' pool:
+
+    openmp      MKL's GNU OpenMP layer: the same libgomp pool numba's `omp` layer uses
+    tbb         MKL's TBB layer (libtbb.so.12 from the `tbb` package, loaded first, or MKL
+                fails to find it), the same TBB arena numba's `tbb` layer uses
+    sequential  MKL single-threaded; the kernels run on numba's `workqueue`
+
+so the BLAS and the kernels never keep two pools of spinning threads. With OpenBLAS only the
+kernels' layer changes: NumPy's OpenBLAS keeps its own pthreads pool (threadpoolctl sets it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+
+import numpy as np
+
+from .errors import GptcpuError
+
+BACKENDS = ("openblas", "mkl")
+THREADINGS = ("openmp", "tbb", "sequential")
+_MKL_LAYER = {"openmp": 3, "sequential": 1, "tbb": 4}  # MKL_THREADING_GNU, _SEQUENTIAL, _TBB
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+def find_library(name: str) -> str | None:
+    """A shared library from the pip packages (installed under <prefix>/lib), else the system's."""
+    for prefix in dict.fromkeys([sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(sys.executable))]):
+        hits = sorted(glob.glob(os.path.join(prefix, "lib", name)))
+        if hits:
+            return hits[-1]
+    return None
+
+
+class OpenBLAS:
+    name = "openblas"
+
+    def __init__(self, threading: str | None = None):
+        self.threading = threading
+
+    @staticmethod
+    def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return np.matmul(a, b, out=out)
+
+    def set_threads(self, n: int) -> None:
+        pass  # NumPy's OpenBLAS pool is set through threadpoolctl (engine.threads)
+
+
+class MKL:
+    name = "mkl"
+
+    def __init__(self, threading: str = "openmp"):
+        if threading not in _MKL_LAYER:
+            raise GptcpuError(f"unknown threading {threading!r}; choose from {', '.join(THREADINGS)}")
+        path = find_library("libmkl_rt.so*")
+        if path is None:
+            raise GptcpuError("the mkl backend needs MKL: pip install 'gptcpu[mkl]'")
+        if threading == "tbb":
+            tbb = find_library("libtbb.so.12")
+            if tbb is None:
+                raise GptcpuError("MKL's TBB layer needs libtbb.so.12: pip install tbb")
+            ctypes.CDLL(tbb, mode=ctypes.RTLD_GLOBAL)
+        self.threading = threading
+        self.rt = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        self.rt.MKL_Set_Threading_Layer.argtypes = [ctypes.c_int]
+        self.rt.MKL_Set_Threading_Layer(_MKL_LAYER[threading])
+        f = self.rt.cblas_sgemm
+        f.restype = None
+        f.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                           ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+        self._sgemm = f
+        self.rt.MKL_Set_Num_Threads.argtypes = [ctypes.c_int]
+        self.rt.MKL_Get_Version_String.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+    @property
+    def version(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        self.rt.MKL_Get_Version_String(buf, 256)
+        return buf.value.decode(errors="replace").strip()
+
+    def set_threads(self, n: int) -> None:
+        self.rt.MKL_Set_Num_Threads(n)
+
+    def max_threads(self) -> int:
+        return self.rt.MKL_Get_Max_Threads()
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """a [M, K] @ b [K, N] (b C- or F-contiguous) -> out [M, N] float32, C-contiguous rows."""
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        M, K = a.shape
+        N = b.shape[1]
+        if b.flags.c_contiguous:
+            trans_b, ldb = _NO_TRANS, N
+        elif b.flags.f_contiguous:
+            trans_b, ldb = _TRANS, K
+        else:
+            b, trans_b, ldb = np.ascontiguousarray(b), _NO_TRANS, N
+        if out is None:
+            out = np.empty((M, N), np.float32)
+        ldc = out.strides[0] // 4
+        if out.strides[1] != 4 or out.dtype != np.float32:
+            raise ValueError("out must have float32 rows with unit stride")
+        self._sgemm(_ROW_MAJOR, _NO_TRANS, trans_b, M, N, K, 1.0, a.ctypes.data, K, b.ctypes.data, ldb,
+                    0.0, out.ctypes.data, ldc)
+        return out
+
+
+_active = OpenBLAS()
+_chosen: tuple[str, str | None] | None = None
+
+
+def use(backend: str | None = None, threading: str | None = None) -> None:
+    """Choose the BLAS for every GEMM on weights and the kernels' threading layer (defaults:
+    $GPTCPU_BACKEND, $GPTCPU_THREADING, else OpenBLAS and numba's own choice of layer). Once
+    per process: MKL's layer and numba's are fixed by their first call, so asking again for
+    something else is an error."""
+    global _active, _chosen
+    want = (backend or os.environ.get("GPTCPU_BACKEND") or "openblas",
+            threading or os.environ.get("GPTCPU_THREADING") or None)
+    if want[0] not in BACKENDS:
+        raise GptcpuError(f"unsupported backend {want[0]!r}; choose from {', '.join(BACKENDS)}")
+    if want[1] is not None and want[1] not in THREADINGS:
+        raise GptcpuError(f"unknown threading {want[1]!r}; choose from {', '.join(THREADINGS)}")
+    if _chosen is not None:
+        if want != _chosen and (backend or threading):
+            raise GptcpuError(f"this process already runs {_chosen[0]} with {_chosen[1] or 'default'} "
+                              "threading: the BLAS and threading layer are chosen once per process")
+        return
+    from . import kernels
+    kernels.set_threading_layer(want[1])
+    _active = MKL(want[1] or "openmp") if want[0] == "mkl" else OpenBLAS(want[1])
+    _chosen = want
+
+
+def active():
+    return _active
+
+
+def matmul(a, b, out=None):
+    return _active.matmul(a, b, out)
