@@ -2,17 +2,18 @@
 
 A decode step reads every weight once, so its speed is bandwidth / bytes per weight: bf16 and
 f16 weights read half the bytes of f32, int8 a quarter. BLAS has no fast half-precision GEMV on
-most CPUs and NumPy's casts run near 1 GB/s, so these loops are compiled with numba: each
-thread owns a block of output columns and streams the weight rows through it, four rows at a
-time so the accumulators stay in registers.
+most CPUs and NumPy's casts run near 1 GB/s, so these loops are compiled with numba, with
+`parallel=True` over the numba threading layer that engine.blas picks.
 
 Weights are passed as raw bits, their NumPy type saying what they hold: bf16 as uint16, f16 as
-int16 (a view of the float16 bits), q8 as int8 (its per-output-channel scale applied after). f16 bits are widened exactly for every finite value (the converter refuses
-weights that overflow f16), subnormals included.
+int16 (a view of the float16 bits), q8 as int8 (its per-output-channel scale applied after).
+f16 bits are widened exactly for every finite value (the converter refuses weights that
+overflow f16), subnormals included.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 from numba.core import types
@@ -49,7 +50,8 @@ def threading_layer() -> str:
         return numba.threading_layer()
     except ValueError:
         return "not started"
-BLOCK = 256  # output columns per parallel task (a multiple of the SIMD width)
+BLOCK = 256   # matvec_t: output rows per parallel task
+CHUNK = 2048  # matvec: columns of four weight rows kept in L1 while every row of x uses them
 
 
 @intrinsic
@@ -81,31 +83,47 @@ def _widen(v):
     return None
 
 
-@njit(parallel=True, fastmath=True, boundscheck=False, cache=True)
 def matvec(x, w, out):
     """out[M, N] = x[M, K] @ w[K, N] for a small M (decode), w in its stored bits."""
+    _matvec(x, w, out, numba.get_num_threads())
+
+
+@njit(parallel=True, fastmath=True, boundscheck=False, cache=True)
+def _matvec(x, w, out, threads):
+    """matvec over `threads` threads.
+
+    Each thread takes a contiguous range of rows, so it streams its part of the matrix front
+    to back (what the hardware prefetchers do best), four rows at a time in column chunks that
+    stay in L1 while every row of x uses them; the threads' partial sums are added at the end.
+    """
     M, K = x.shape
     N = w.shape[1]
-    nblk = (N + BLOCK - 1) // BLOCK
-    for b in prange(nblk):
-        n0 = b * BLOCK
-        n1 = min(N, n0 + BLOCK)
-        n = n1 - n0
-        for m in range(M):
-            acc = np.zeros(n, np.float32)
-            k = 0
-            while k + 4 <= K:
-                x0, x1, x2, x3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
-                r0, r1, r2, r3 = w[k, n0:n1], w[k + 1, n0:n1], w[k + 2, n0:n1], w[k + 3, n0:n1]
-                for j in range(n):
-                    acc[j] += x0 * widen(r0[j]) + x1 * widen(r1[j]) + x2 * widen(r2[j]) + x3 * widen(r3[j])
-                k += 4
-            while k < K:
-                xk, r0 = x[m, k], w[k, n0:n1]
-                for j in range(n):
-                    acc[j] += xk * widen(r0[j])
-                k += 1
-            out[m, n0:n1] = acc
+    T = min(threads, max(1, K // 16))
+    part = np.zeros((T, M, N), np.float32)
+    step = (K + T - 1) // T
+    for t in prange(T):
+        k, k1 = t * step, min(K, t * step + step)
+        acc = part[t]
+        while k + 4 <= k1:
+            for c0 in range(0, N, CHUNK):
+                c1 = min(N, c0 + CHUNK)
+                r0, r1, r2, r3 = w[k, c0:c1], w[k + 1, c0:c1], w[k + 2, c0:c1], w[k + 3, c0:c1]
+                for m in range(M):
+                    x0, x1, x2, x3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
+                    a = acc[m, c0:c1]
+                    for j in range(c1 - c0):
+                        a[j] += x0 * widen(r0[j]) + x1 * widen(r1[j]) + x2 * widen(r2[j]) + x3 * widen(r3[j])
+            k += 4
+        while k < k1:
+            r0 = w[k]
+            for m in range(M):
+                x0, a = x[m, k], acc[m]
+                for j in range(N):
+                    a[j] += x0 * widen(r0[j])
+            k += 1
+    out[:] = part[0]
+    for t in range(1, T):
+        out += part[t]
 
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True)

@@ -95,7 +95,7 @@ class Packed:
 
     __array_ufunc__ = None   # so that `x @ packed` calls our __rmatmul__
     MATVEC_ROWS = 8          # up to this many rows (decode, small batches): the compiled GEMV
-    PREFILL_COLS = 2048      # more rows (prefill): widen this many columns at a time, then sgemm
+    PREFILL_BYTES = 64 << 20  # more rows (prefill): widen up to this much f32 at a time, then sgemm
 
     def __init__(self, bits: np.ndarray, dtype: str, scale: np.ndarray | None = None, per_row: bool = False):
         self.bits = bits.view(np.int16) if dtype == "f16" else bits
@@ -134,7 +134,7 @@ class Packed:
             (kernels.matvec_t if self.per_row else kernels.matvec)(x, self.bits, out)
         else:
             out = np.empty((M, N), np.float32)
-            cols = min(N, self.PREFILL_COLS)
+            cols = max(1, min(N, self.PREFILL_BYTES // (4 * K)))
             if self._buffer is None or self._buffer.size < K * cols:
                 self._buffer = np.empty(K * cols, np.float32)
             for c0 in range(0, N, cols):

@@ -1,0 +1,158 @@
+"""Decode and prefill per weight dtype, and per BLAS backend x threading layer x threads.
+
+    python -m gptcpu.bench.backends [--models gpt2,gptj-4l] [--repeats 3] [--matrix]
+
+Every measurement runs in its own process (bench/run_one.py: the BLAS and the threading layer
+are chosen once per process), one at a time, the configurations interleaved across repeats
+(these machines are noisy); medians with min-max. The roofline of each dtype is the read
+bandwidth measured in the same run divided by the bytes that dtype reads per decode token
+(`gptcpu info`). Results go to bench/results/backends.json and .md (and a plot with --plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from gptcpu.bench.speed import ROOT, build
+
+DTYPES = ("f32", "bf16", "f16", "q8")
+CONFIGS = [("openblas", "openmp"), ("openblas", "tbb"), ("mkl", "openmp"), ("mkl", "tbb"), ("mkl", "sequential")]
+
+
+def run(args: list[str]) -> dict:
+    r = subprocess.run([sys.executable, "-m", "gptcpu.bench.run_one", *args], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"run_one {' '.join(args)} failed:\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def folders(shape: str, work: Path) -> dict[str, Path]:
+    import gptcpu
+
+    hf_dir, f32 = build(shape, work)
+    out = {"f32": f32}
+    for dt in DTYPES[1:]:
+        out[dt] = work / f"gptcpu-{shape}-{dt}"
+        if not (out[dt] / "model.safetensors").exists():
+            gptcpu.convert(str(hf_dir), out[dt], dtype=dt, force=True, progress=False)
+    return out
+
+
+def med(xs):
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def dtype_table(shape: str, models: dict, threads: int, repeats: int, prompt: int, new: int) -> dict:
+    from gptcpu.engine.info import account, config_of
+
+    runs = {dt: [] for dt in models}
+    bw = []
+    for r in range(repeats):
+        bw.append(run(["--bandwidth", "--threads", str(threads)])["read_bandwidth"])
+        for dt, folder in models.items():
+            runs[dt].append(run([str(folder), "--threads", str(threads), "--prompt", str(prompt), "--new", str(new)]))
+            print(f"{shape} {dt} repeat {r}: decode {runs[dt][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+    a = account(config_of(str(models["f32"])))
+    bandwidth = statistics.median(bw)
+    rows = {}
+    for dt, rs in runs.items():
+        decode, prefill = med([x["decode_tok_s"] for x in rs]), med([x["prefill_tok_s"] for x in rs])
+        roofline = bandwidth / a["decode_bytes_per_token"][dt]
+        rows[dt] = {"decode": decode, "prefill": prefill, "roofline": roofline,
+                    "decode_vs_f32": decode["median"] / statistics.median(x["decode_tok_s"] for x in runs["f32"]),
+                    "prefill_vs_f32": prefill["median"] / statistics.median(x["prefill_tok_s"] for x in runs["f32"]),
+                    "of_roofline": decode["median"] / roofline,
+                    "same_tokens_as_f32": rs[0]["tokens"] == runs["f32"][0]["tokens"]}
+    return {"shape": shape, "threads": threads, "read_bandwidth": med(bw), "rows": rows}
+
+
+def matrix(shape: str, models: dict, dtypes, prompt: int, new: int) -> list[dict]:
+    out = []
+    for dt in dtypes:
+        for threads in (1, 2):
+            for backend, threading in CONFIGS:
+                x = run([str(models[dt]), "--backend", backend, "--threading", threading, "--threads", str(threads),
+                         "--prompt", str(prompt), "--new", str(new)])
+                out.append({"shape": shape, "dtype": dt, "backend": backend, "threading": threading,
+                            "threads": threads, "prefill_tok_s": x["prefill_tok_s"], "decode_tok_s": x["decode_tok_s"]})
+                print(f"{shape} {dt} {backend}/{threading} x{threads}: prefill {x['prefill_tok_s']:.0f}, "
+                      f"decode {x['decode_tok_s']:.1f}", file=sys.stderr)
+    return out
+
+
+def render(tables: list[dict], mat: list[dict]) -> str:
+    lines = []
+    for t in tables:
+        bw = t["read_bandwidth"]
+        lines += [f"**{t['shape']}**, batch 1, {t['threads']} threads, OpenBLAS; read bandwidth "
+                  f"{bw['median'] / 1e9:.1f} GB/s ({bw['min'] / 1e9:.1f}-{bw['max'] / 1e9:.1f})", "",
+                  "| weights | prefill tok/s | vs f32 | decode tok/s | vs f32 | roofline | of roofline | tokens = f32 |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for dt, r in t["rows"].items():
+            d, p = r["decode"], r["prefill"]
+            lines.append(f"| {dt} | {p['median']:.0f} ({p['min']:.0f}-{p['max']:.0f}) | {r['prefill_vs_f32']:.2f}x | "
+                         f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | {r['decode_vs_f32']:.2f}x | "
+                         f"{r['roofline']:.1f} | {100 * r['of_roofline']:.0f}% | {'yes' if r['same_tokens_as_f32'] else 'no'} |")
+        lines.append("")
+    if mat:
+        lines += ["| model | weights | backend | threading | threads | prefill tok/s | decode tok/s |",
+                  "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+        for m in mat:
+            lines.append(f"| {m['shape']} | {m['dtype']} | {m['backend']} | {m['threading']} | {m['threads']} | "
+                         f"{m['prefill_tok_s']:.0f} | {m['decode_tok_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(tables: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4), squeeze=False)
+    for ax, t in zip(axes[0], tables):
+        dts = list(t["rows"])
+        ax.bar(dts, [t["rows"][d]["decode"]["median"] for d in dts], color="tab:blue", label="gptcpu decode")
+        ax.scatter(dts, [t["rows"][d]["roofline"] for d in dts], color="tab:red", marker="_", s=800,
+                   label="roofline (bandwidth / bytes per token)")
+        ax.set_title(f"{t['shape']}, {t['threads']} threads")
+        ax.set_ylabel("decode tokens/s")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="gpt2,gptj-4l")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--matrix", action="store_true", help="also every backend x threading x threads 1, 2")
+    ap.add_argument("--matrix-dtypes", default="f32,bf16")
+    ap.add_argument("--plot", type=Path)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/gptcpu-bench"))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args(argv)
+    tables, mat = [], []
+    for shape in args.models.split(","):
+        models = folders(shape, args.work)
+        tables.append(dtype_table(shape, models, args.threads, args.repeats, args.prompt, args.new))
+        if args.matrix:
+            mat += matrix(shape, models, args.matrix_dtypes.split(","), args.prompt, args.new)
+    text = render(tables, mat)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "backends.json").write_text(json.dumps({"tables": tables, "matrix": mat}, indent=2) + "\n")
+    (args.out / "backends.md").write_text(text + "\n")
+    if args.plot:
+        plot(tables, args.plot)
+
+
+if __name__ == "__main__":
+    main()
