@@ -3,7 +3,23 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test bench clean
+.PHONY: demo test bench clean
+
+# The main job on a fresh machine: install the core (no torch), convert the embedded demo model
+# (a small GPT-2 trained on the Python standard library, engine/demo/), generate from it.
+DEMO_PROMPT ?= def fib(n):
+GPTCPU_HOME ?= $(HOME)/.cache/gptcpu
+export GPTCPU_HOME
+
+$(VENV)/.core-installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+demo: $(VENV)/.core-installed
+	$(VENV)/bin/gptcpu convert engine/demo --dtype f32 --out $(GPTCPU_HOME)/models/demo-f32 --force --quiet
+	$(VENV)/bin/gptcpu generate --seed 0 --max-new-tokens 200 --verbose "$(DEMO_PROMPT)"
 
 $(VENV)/.test-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

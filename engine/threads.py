@@ -18,13 +18,13 @@ def set_threads(n: int) -> None:
 
     if n < 1:
         raise GptcpuError(f"--threads must be at least 1, got {n}")
-    _limits = threadpool_limits(limits=n)
-    blas.active().set_threads(n)
-    try:
+    try:  # first: starting numba's layer may load an OpenMP runtime that threadpoolctl then sees
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except ValueError as e:  # the threading layer asked for cannot load
         raise GptcpuError(f"numba cannot start its {numba.config.THREADING_LAYER} threading layer: "
                           f"{str(e).splitlines()[0]}") from None
+    blas.active().set_threads(n)
+    _limits = threadpool_limits(limits=n)
 
 
 def describe() -> list[str]:
