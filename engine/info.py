@@ -28,7 +28,7 @@ def config_of(model: str) -> Config:
             raise GptcpuError(f"{path} has no config.json")
     elif path.is_file() and path.suffix == ".json":
         file = path
-    elif model.count("/") == 1 and not model.startswith((".", "/")):
+    elif model.count("/") <= 1 and not model.startswith((".", "/", "~")):  # a hub id: gpt2, org/name
         try:
             from huggingface_hub import hf_hub_download
             file = Path(hf_hub_download(model, "config.json"))
