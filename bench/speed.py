@@ -27,17 +27,20 @@ SHAPES = {"gpt2": ("gpt2", {}), "gpt2-medium": ("gpt2-medium", {}), "gptj-4l": (
 
 
 def read_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of np.max over a 1 GiB float32 array split across `threads` threads (best of
-    repeats). max streams at the memory's pace; np.sum's pairwise summation is slower than memory
-    on one core here, so it would understate the roofline."""
+    """Bytes/s of the fastest plain read of 1 GiB of float32 we have: the best of np.max split
+    across `threads` threads and the BLAS's GEMV over a [262144, 1024] matrix (best of repeats).
+    (np.sum's pairwise summation is slower than memory on one core here; it would understate
+    the roofline.) The BLAS pool should already be limited to `threads`."""
     a = np.ones(nbytes // 4, np.float32)
     parts = np.array_split(a, threads)
+    matrix, x = a.reshape(-1, 1024), np.ones(1024, np.float32)
     best = 0.0
     with ThreadPoolExecutor(threads) as pool:
         for _ in range(repeats):
-            t = time.perf_counter()
-            list(pool.map(np.max, parts))
-            best = max(best, nbytes / (time.perf_counter() - t))
+            for read in (lambda: list(pool.map(np.max, parts)), lambda: matrix @ x):
+                t = time.perf_counter()
+                read()
+                best = max(best, nbytes / (time.perf_counter() - t))
     return best
 
 

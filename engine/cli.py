@@ -61,9 +61,10 @@ def cmd_info(args) -> None:
         from . import blas
         from .threads import describe, set_threads
 
+        from .threads import available_cpus
+
         blas.use(args.backend, args.threading)
-        if args.threads:
-            set_threads(args.threads)
+        set_threads(args.threads or available_cpus())
         from .kernels import warm_up
         warm_up()
         print("\n".join(describe()))
@@ -134,7 +135,9 @@ def cmd_eval(args) -> None:
 def add_pool_flags(p) -> None:
     from .blas import BACKENDS, THREADINGS
 
-    p.add_argument("--threads", type=int, help="threads for the BLAS and the kernels (default: every core)")
+    p.add_argument("--threads", type=int,
+                   help="threads for the BLAS and the kernels (default: the CPUs this process may use, "
+                        "a container's CPU quota included)")
     p.add_argument("--backend", choices=BACKENDS, help="BLAS for f32 GEMMs (default: $GPTCPU_BACKEND or openblas)")
     p.add_argument("--threading", choices=THREADINGS,
                    help="threading layer of MKL and the kernels (default: $GPTCPU_THREADING or numba's choice)")

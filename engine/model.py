@@ -255,17 +255,17 @@ def load(path, threads: int | None = None, backend: str | None = None, threading
     """Load a gptcpu model folder (written by `gptcpu convert`) -> Model.
 
     backend: "openblas" (NumPy's own) or "mkl"; threading: "openmp", "tbb" or "sequential"
-    (see gptcpu.engine.blas; both once per process). threads sets every pool at once."""
+    (see gptcpu.engine.blas; both once per process). threads sets every pool at once; the
+    default is the CPUs this process may use (its affinity, capped by a container's CPU quota)."""
     from .config import Config
-    from .threads import set_threads
+    from .threads import available_cpus, set_threads
     from .tokenizer import Tokenizer
 
     blas.use(backend, threading)
     path = Path(path)
     if not path.is_dir():
         raise GptcpuError(f"{path} is not a model folder")
-    if threads is not None:
-        set_threads(threads)
+    set_threads(threads or available_cpus())
     config = Config.load(path)
     tokenizer = Tokenizer.from_folder(path) if (path / "tokenizer.json").exists() else None
     return Model(config, load_weights(path, config), tokenizer, path)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from .errors import GptcpuError
@@ -25,6 +28,37 @@ def set_threads(n: int) -> None:
                           f"{str(e).splitlines()[0]}") from None
     blas.active().set_threads(n)
     _limits = threadpool_limits(limits=n)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (what
+    `docker run --cpus N` sets; os.cpu_count() sees the host's cores and ignores both)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1, min(n, int(quota))) if quota else n
+
+
+def cgroup_cpu_quota() -> float | None:
+    """CPUs allowed by the cgroup (v2 cpu.max, or v1 cpu.cfs_quota_us / cpu.cfs_period_us), None if unlimited."""
+    paths = ["/sys/fs/cgroup/cpu.max"]
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                paths.insert(0, f"/sys/fs/cgroup{line[3:].rstrip('/')}/cpu.max")
+    except OSError:
+        pass
+    for p in paths:
+        try:
+            quota, period = Path(p).read_text().split()
+            return None if quota == "max" else int(quota) / int(period)
+        except (OSError, ValueError):
+            continue
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def describe() -> list[str]:
