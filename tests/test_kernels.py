@@ -8,7 +8,8 @@ import pytest
 from gptcpu.engine import kernels
 from gptcpu.engine.weights import Packed, bf16_to_f32, f32_to_bf16
 
-SHAPES = [(1, 7, 5), (1, 768, 2304), (3, 769, 1001), (2, 130, 257), (8, 64, 513), (1, 1, 1), (5, 33, 256)]
+SHAPES = [(1, 7, 5), (1, 768, 2304), (3, 769, 1001), (2, 130, 257), (8, 64, 513), (1, 1, 1), (5, 33, 256),
+          (2, 1030, 2047)]
 
 
 def stored(w32: np.ndarray, dtype: str):
@@ -35,6 +36,11 @@ def test_matvec_kernels_match_numpy(M, K, N, dtype):
     out = np.empty((M, N), np.float32)
     kernels.matvec(x, bits, out)
     assert np.abs(out - want).max() / scale < 1e-5
+    for split in (kernels._matvec_rows, kernels._matvec_cols):  # both ways, any thread count
+        for threads in (1, 2, 3):
+            out[...] = np.nan
+            split(x, bits, out, threads)
+            assert np.abs(out - want).max() / scale < 1e-5, (split, threads)
     kernels.matvec_t(x, np.ascontiguousarray(bits.T), out)
     assert np.abs(out - want).max() / scale < 1e-5
     buf = np.empty((K, N), np.float32)
@@ -53,10 +59,13 @@ def test_f16_widening_is_exact_for_every_finite_half():
 
 @pytest.mark.parametrize("dtype", ["bf16", "f16", "q8"])
 @pytest.mark.parametrize("M", [1, 8, 9, 40])
-def test_packed_matmul_every_path(dtype, M):
-    """Decode (compiled GEMV) and prefill (widen column blocks + sgemm) paths, scales, per-row tables."""
+@pytest.mark.parametrize("block_bytes", [256 << 20, 7 * 5000 * 4])
+def test_packed_matmul_every_path(dtype, M, block_bytes, monkeypatch):
+    """Decode (compiled GEMV) and prefill (widen blocks of rows + sgemm, summed) paths, scales,
+    per-row tables, with one block or several (the last one short)."""
+    monkeypatch.setattr(Packed, "PREFILL_BYTES", block_bytes)
     rng = np.random.default_rng(M)
-    K, N = 96, 5000  # more columns than one prefill block
+    K, N = 96, 5000
     w32 = rng.standard_normal((K, N), dtype=np.float32)
     bits, exact = stored(w32, dtype)
     scale = rng.uniform(0.5, 2, N).astype(np.float32) if dtype == "q8" else None
