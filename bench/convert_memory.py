@@ -89,7 +89,7 @@ def peak_rss(proc: subprocess.Popen) -> int:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16"])
+    ap.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/gptcpu-convert-mem"))
     args = ap.parse_args(argv)
     src, out = args.work / f"src-{args.layers}", args.work / f"out-{args.layers}-{args.dtype}"
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     from gptcpu.engine.config import Config
 
     c = Config.load(out)
-    item = {"f32": 4, "f16": 2, "bf16": 2}[args.dtype]
+    item = {"f32": 4, "f16": 2, "bf16": 2, "q8": 1}[args.dtype]
     largest = max(int(__import__("numpy").prod(o.shape)) * (item if o.is_weight else 4)
                   for o in ARCHS[c.arch].outputs(c))
     bound = 2 * largest + 500e6

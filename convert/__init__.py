@@ -110,23 +110,20 @@ def _slabs(o: Out, sources: list, convert_rows):
 
 
 def _absmax(o: Out, sources: list) -> np.ndarray:
-    """The largest |weight| of each output channel of o (a first pass over its sources)."""
+    """The largest |weight| of each output channel of o (a first pass over its sources, a slab
+    of rows at a time)."""
     pieces, rows = _pieces(o, sources), _rows_per_slab(o)
     if o.per_row:
-        return np.concatenate([np.abs(piece).max(axis=1) for piece in pieces]).astype(np.float32)
-    if o.axis == 1:
-        cols = []
-        for piece in pieces:
-            m = np.zeros(piece.shape[1], np.float32)
-            for r in range(0, piece.shape[0], rows):
-                np.maximum(m, np.abs(piece[r:r + rows]).max(axis=0), out=m)
-            cols.append(m)
-        return np.concatenate(cols)
-    m = np.zeros(o.shape[1], np.float32)
-    for piece in pieces:
-        for r in range(0, piece.shape[0], rows):
-            np.maximum(m, np.abs(piece[r:r + rows]).max(axis=0), out=m)
-    return m
+        return np.concatenate([np.abs(p[r:r + rows]).max(axis=1) for p in pieces
+                               for r in range(0, p.shape[0], rows)]).astype(np.float32)
+    maxima = []
+    for p in pieces:
+        m = np.zeros(p.shape[1], np.float32)
+        for r in range(0, p.shape[0], rows):
+            np.maximum(m, np.abs(p[r:r + rows]).max(axis=0), out=m)
+        maxima.append(m)
+    # side by side, each piece has its own columns; stacked, they share them
+    return np.concatenate(maxima) if o.axis == 1 else np.maximum.reduce(maxima)
 
 
 def _write_weights(path: Path, outputs: list[Out], weights, dtype: str, progress: bool | None) -> None:
