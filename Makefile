@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean wheelhouse docker docker-test
 
 # The main job on a fresh machine: install the core (no torch), convert the embedded demo model
 # (a small GPT-2 trained on the Python standard library, engine/demo/), generate from it.
@@ -34,6 +34,31 @@ test: $(VENV)/.test-installed
 bench: $(VENV)/.test-installed
 	$(PY) -m gptcpu.bench.speed --shape gpt2
 	$(PY) -m gptcpu.bench.convert_memory --layers 4 --dtype f16 | tee bench/results/convert-memory.json
+
+# Docker: one image per BLAS backend, built from a wheelhouse (no network inside the build).
+# Debian's client (/usr/bin/docker) builds with BuildKit by itself; another client on PATH may
+# lack the buildx plugin that DOCKER_BUILDKIT=1 needs.
+DOCKER ?= $(shell test -x /usr/bin/docker && echo /usr/bin/docker || echo docker)
+docker/wheelhouse/.done: pyproject.toml $(VENV)/.core-installed
+	rm -rf docker/wheelhouse
+	$(PY) -m pip wheel --quiet --wheel-dir docker/wheelhouse '.[mkl]'
+	touch $@
+
+wheelhouse: docker/wheelhouse/.done
+
+docker: wheelhouse
+	docker/setup-engine.sh
+	DOCKER_BUILDKIT=1 $(DOCKER) build -q -f docker/openblas.Dockerfile -t gptcpu:openblas .
+	DOCKER_BUILDKIT=1 $(DOCKER) build -q -f docker/mkl.Dockerfile -t gptcpu:mkl .
+	DOCKER_BUILDKIT=1 $(DOCKER) build -q -f docker/mkl.Dockerfile --build-arg THREADING=tbb -t gptcpu:mkl-tbb .
+	$(DOCKER) images 'gptcpu:*'
+
+# Builds the images and runs them (tests/test_docker.py); called by .ci/run. Where no Docker
+# engine can be had, the tests skip with the reason they found.
+docker-test: $(VENV)/.test-installed
+	-docker/setup-engine.sh
+	if $(DOCKER) info >/dev/null 2>&1; then $(MAKE) docker; fi
+	GPTCPU_DOCKER_TEST=1 $(PY) -m pytest -q -rs tests/test_docker.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
