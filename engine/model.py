@@ -132,6 +132,9 @@ class Model:
         c = self.config
         ids = np.asarray(ids)
         B, T = ids.shape
+        if ids.size and (ids.min() < 0 or ids.max() >= c.n_vocab):
+            raise GptcpuError(f"token id {ids.max() if ids.max() >= c.n_vocab else ids.min()} is outside "
+                              f"the vocabulary of {c.n_vocab}")
         mask = np.ones((B, T), bool) if mask is None else np.asarray(mask, bool)
         if cache is None:
             pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)

@@ -196,6 +196,14 @@ def test_context_limits(factory):
         m.logits(prompt(m, 65))
 
 
+def test_bad_token_ids_are_a_clear_error(factory):
+    m = gptcpu.load(factory.converted("gpt2-untied"))  # vocab 1001
+    with pytest.raises(GptcpuError, match="1001 is outside the vocabulary of 1001"):
+        m.logits([5, 1001])
+    with pytest.raises(GptcpuError, match="-1 is outside"):
+        list(m.generate([-1, 3], 2))
+
+
 def test_stop_strings(factory):
     m = gptcpu.load(factory.converted("gpt2"))
     ids = prompt(m, 5)
