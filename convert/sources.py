@@ -150,18 +150,27 @@ class TorchSource:
                         self._mapped.add(canonical_source_name(key))
         self.names = set(self._state)
 
-    def _load(self, path: Path) -> dict:
+    def _load(self, path: Path) -> tuple[dict, bool]:
+        """-> (the state dict, whether its storages are a file mmap)."""
         torch = self._torch
+
+        def fail(e: Exception) -> GptcpuError:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            return GptcpuError(f"cannot read {path.name}: {first}")
+
         try:
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True), True
         except RuntimeError as e:
             if "zipfile" not in str(e) and "mmap" not in str(e):
-                raise GptcpuError(f"cannot read {path.name}: {str(e).splitlines()[0]}") from None
-            # A pre-1.6 torch file (not a zip archive) cannot be memory-mapped: read it whole.
-            warnings.warn(f"{path.name} is in torch's legacy format: it is read into memory whole")
-            return torch.load(path, map_location="cpu", weights_only=True), False
+                raise fail(e) from None
         except Exception as e:  # pickle errors, truncated files, ...
-            raise GptcpuError(f"cannot read {path.name}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+            raise fail(e) from None
+        # A pre-1.6 torch file (not a zip archive) cannot be memory-mapped: read it whole.
+        warnings.warn(f"{path.name} is in torch's legacy format: it is read into memory whole")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), False
+        except Exception as e:
+            raise fail(e) from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._state[name].shape)
