@@ -13,6 +13,8 @@ overflow f16), subnormals included.
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -51,7 +53,7 @@ def threading_layer() -> str:
     except ValueError:
         return "not started"
 BLOCK = 256   # matvec_t: output rows per parallel task
-CHUNK = 2048  # matvec: columns of four weight rows kept in L1 while every row of x uses them
+CHUNK = 2048  # matvec: columns of eight weight rows kept in L1 while every row of x uses them
 
 
 @intrinsic
@@ -68,13 +70,41 @@ def widen(v):
     """One stored weight -> float32, by its storage type (resolved at compile time)."""
 
 
+def _host_has_f16c() -> bool:
+    if os.environ.get("GPTCPU_NO_F16C"):  # force the portable path (its test uses this)
+        return False
+    try:
+        from llvmlite import binding
+        return bool(binding.get_host_cpu_features().get("f16c", False))
+    except Exception:
+        return False
+
+
+_F16C = _host_has_f16c()  # without it LLVM would call a runtime helper numba may not link
+
+
+@intrinsic
+def _half_bits_to_f32(typingctx, h):
+    """IEEE half bits (int16) -> float32 by LLVM's own half type: one vcvtph2ps where the CPU has
+    F16C, exact for every value."""
+    sig = types.float32(types.int16)
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
 @overload(widen, inline="always")
 def _widen(v):
     if v == types.int8:       # q8 (the scale is applied to the sum)
         return lambda v: np.float32(v)
     if v == types.uint16:     # bf16: the top half of an f32
         return lambda v: _bits_to_f32(np.uint32(v) << np.uint32(16))
-    if v == types.int16:      # f16 bits: exponent and mantissa into f32 place, then * 2^112
+    if v == types.int16 and _F16C:  # f16 bits, converted by the hardware
+        return lambda v: _half_bits_to_f32(v)
+    if v == types.int16:            # f16 bits: exponent and mantissa into f32 place, then * 2^112
         def f16(v):
             u = np.uint32(np.uint16(v))
             bits = ((u & np.uint32(0x7FFF)) << np.uint32(13)) | ((u & np.uint32(0x8000)) << np.uint32(16))
@@ -112,12 +142,15 @@ def _matvec_cols(x, w, out, threads):
         for m in range(M):
             acc = np.zeros(n1 - n0, np.float32)
             k = 0
-            while k + 4 <= K:
+            while k + 8 <= K:
                 x0, x1, x2, x3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
+                x4, x5, x6, x7 = x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
                 r0, r1, r2, r3 = w[k, n0:n1], w[k + 1, n0:n1], w[k + 2, n0:n1], w[k + 3, n0:n1]
+                r4, r5, r6, r7 = w[k + 4, n0:n1], w[k + 5, n0:n1], w[k + 6, n0:n1], w[k + 7, n0:n1]
                 for j in range(n1 - n0):
-                    acc[j] += x0 * widen(r0[j]) + x1 * widen(r1[j]) + x2 * widen(r2[j]) + x3 * widen(r3[j])
-                k += 4
+                    acc[j] += (x0 * widen(r0[j]) + x1 * widen(r1[j]) + x2 * widen(r2[j]) + x3 * widen(r3[j])
+                               + x4 * widen(r4[j]) + x5 * widen(r5[j]) + x6 * widen(r6[j]) + x7 * widen(r7[j]))
+                k += 8
             while k < K:
                 x0, r0 = x[m, k], w[k, n0:n1]
                 for j in range(n1 - n0):
@@ -128,7 +161,7 @@ def _matvec_cols(x, w, out, threads):
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True)
 def _matvec_rows(x, w, out, threads):
-    """matvec, each thread streaming a contiguous range of rows front to back, four rows at a
+    """matvec, each thread streaming a contiguous range of rows front to back, eight rows at a
     time in column chunks that stay in L1 while every row of x uses them; partial sums added."""
     M, K = x.shape
     N = w.shape[1]
@@ -138,16 +171,19 @@ def _matvec_rows(x, w, out, threads):
     for t in prange(T):
         k, k1 = t * step, min(K, t * step + step)
         acc = part[t]
-        while k + 4 <= k1:
+        while k + 8 <= k1:
             for c0 in range(0, N, CHUNK):
                 c1 = min(N, c0 + CHUNK)
                 r0, r1, r2, r3 = w[k, c0:c1], w[k + 1, c0:c1], w[k + 2, c0:c1], w[k + 3, c0:c1]
+                r4, r5, r6, r7 = w[k + 4, c0:c1], w[k + 5, c0:c1], w[k + 6, c0:c1], w[k + 7, c0:c1]
                 for m in range(M):
                     x0, x1, x2, x3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
+                    x4, x5, x6, x7 = x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
                     a = acc[m, c0:c1]
                     for j in range(c1 - c0):
-                        a[j] += x0 * widen(r0[j]) + x1 * widen(r1[j]) + x2 * widen(r2[j]) + x3 * widen(r3[j])
-            k += 4
+                        a[j] += (x0 * widen(r0[j]) + x1 * widen(r1[j]) + x2 * widen(r2[j]) + x3 * widen(r3[j])
+                                 + x4 * widen(r4[j]) + x5 * widen(r5[j]) + x6 * widen(r6[j]) + x7 * widen(r7[j]))
+            k += 8
         while k < k1:
             r0 = w[k]
             for m in range(M):

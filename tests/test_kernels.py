@@ -57,6 +57,24 @@ def test_f16_widening_is_exact_for_every_finite_half():
     np.testing.assert_array_equal(out, bits.view(np.float16).astype(np.float32))
 
 
+def test_f16_portable_widening_is_exact_too():
+    """Without F16C the kernels widen f16 with integer ops; same exhaustive check, in a process
+    where that path is forced (and numba's cache is out of the way)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    code = ("import numpy as np; from gptcpu.engine import kernels; assert not kernels._F16C; "
+            "b = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.int16); "
+            "b = b[np.isfinite(b.view(np.float16))].reshape(1, -1); o = np.empty(b.shape, np.float32); "
+            "kernels.widen_into(b, o); assert (o == b.view(np.float16).astype(np.float32)).all()")
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "GPTCPU_NO_F16C": "1", "NUMBA_CACHE_DIR": cache}
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "f16", "q8"])
 @pytest.mark.parametrize("M", [1, 8, 9, 40])
 @pytest.mark.parametrize("block_bytes", [256 << 20, 7 * 5000 * 4])
