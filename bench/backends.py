@@ -135,6 +135,7 @@ def main(argv=None) -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--matrix", action="store_true", help="also every backend x threading x threads 1, 2")
     ap.add_argument("--matrix-dtypes", default="f32,bf16")
+    ap.add_argument("--matrix-only", action="store_true", help="skip the per-dtype tables")
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gptcpu-bench"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -142,15 +143,16 @@ def main(argv=None) -> None:
     tables, mat = [], []
     for shape in args.models.split(","):
         models = folders(shape, args.work)
-        tables.append(dtype_table(shape, models, args.threads, args.repeats, args.prompt, args.new))
-        if args.matrix:
+        if not args.matrix_only:
+            tables.append(dtype_table(shape, models, args.threads, args.repeats, args.prompt, args.new))
+        if args.matrix or args.matrix_only:
             mat += matrix(shape, models, args.matrix_dtypes.split(","), args.prompt, args.new)
     text = render(tables, mat)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "backends.json").write_text(json.dumps({"tables": tables, "matrix": mat}, indent=2) + "\n")
     (args.out / "backends.md").write_text(text + "\n")
-    if args.plot:
+    if args.plot and tables:
         plot(tables, args.plot)
 
 
