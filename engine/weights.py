@@ -86,7 +86,10 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
 
 
 class Packed:
-    """A weight matrix kept as its stored low-precision bits, widened only in registers.
+    """A weight matrix kept as its stored low-precision bits (a view of the file's mmap).
+
+    Decode (a few rows of x) widens it in registers in the compiled GEMV; prefill widens a
+    block of rows at a time into one shared f32 buffer for the BLAS's sgemm.
 
     bits: [K, N] for an [in, out] matrix, or [N, K] for an embedding table read as the tied LM
     head (per_row). dtype: "bf16" (uint16 bits), "f16" (int16 view of the float16 bits) or "q8"
@@ -107,10 +110,6 @@ class Packed:
     def shape(self) -> tuple[int, int]:
         """The logical [in, out] shape of the product x @ w."""
         return self.bits.shape[::-1] if self.per_row else self.bits.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.bits.nbytes + (self.scale.nbytes if self.scale is not None else 0)
 
     _buffer = None  # one widening buffer for every Packed weight (prefill runs one GEMM at a time)
 
