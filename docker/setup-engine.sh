@@ -12,6 +12,7 @@ base=${BASE_IMAGE:-python:3.11-slim}
 
 if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
   [ "$(id -u)" = 0 ] || { echo "docker.io and debootstrap are missing and this is not root" >&2; exit 1; }
+  apt-get update -q >/dev/null || true
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io debootstrap >/dev/null
 fi
 if ! docker info >/dev/null 2>&1; then
