@@ -30,9 +30,17 @@ $(VENV)/.test-installed: pyproject.toml
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q tests
 
-# Never run two benchmarks at once on a 2-core machine.
-bench: $(VENV)/.test-installed
-	$(PY) -m gptcpu.bench.speed --shape gpt2
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.test-installed
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+# The standard measurements, one after another (never two benchmarks at once on a 2-core
+# machine), with NumPy's OpenBLAS left to pick its own kernels. Writes bench/results/.
+BENCH_ENV := env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
+bench: $(VENV)/.bench-installed
+	$(BENCH_ENV) $(PY) -m gptcpu.bench.speed --shape gpt2 --threads 2 --repeats 3
+	$(BENCH_ENV) $(PY) -m gptcpu.bench.backends --models gpt2,gptj-4l --repeats 3 --matrix --plot bench/results/backends.png
+	$(BENCH_ENV) $(PY) -m gptcpu.bench.eval_demo --threads 2
 	$(PY) -m gptcpu.bench.convert_memory --layers 4 --dtype f16 | tee bench/results/convert-memory.json
 
 # Docker: one image per BLAS backend, built from a wheelhouse (no network inside the build).
