@@ -54,7 +54,7 @@ def gelu_new(x):  # in place: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
     return x
 
 
-def erf(x):  # Abramowitz & Stegun 7.1.26 would be 1e-7 off; this is the exact one via math.erf
+def erf(x):  # exact, element by element (slow): only for the rare configs that ask for erf GELU
     return np.frompyfunc(math.erf, 1, 1)(x).astype(F32)
 
 

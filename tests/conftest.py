@@ -18,6 +18,11 @@ SHAPES = {
                                  tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True)),
     # GPT-J: rotary_dim 8 < head_dim 12, n_inner unset, the real padded 50,400 vocab
     "gptj": ("gpt-j-6b", dict(n_embd=48, n_head=4, n_layer=2, n_positions=64, rotary_dim=8)),
+    # the other activations a config may name: exact (erf) GELU, ReLU
+    "gpt2-gelu": ("gpt2", dict(n_embd=32, n_head=4, n_layer=2, n_positions=48, vocab_size=301,
+                               activation_function="gelu")),
+    "gptj-relu": ("gpt-j-6b", dict(n_embd=32, n_head=2, n_layer=2, n_positions=48, rotary_dim=4,
+                                   vocab_size=299, activation_function="relu")),
     # GPT-J variant: odd vocab, rotary over the whole head (rotary_dim = head_dim 10), n_inner set
     "gptj-odd": ("gpt-j-6b", dict(n_embd=30, n_head=3, n_layer=3, n_positions=40, rotary_dim=10,
                                   vocab_size=997, n_inner=50)),
