@@ -38,17 +38,14 @@ def main(argv=None) -> None:
         return
 
     import gptcpu
+    from gptcpu.bench.speed import time_gptcpu
 
     t0 = time.perf_counter()
     m = gptcpu.load(args.model, threads=args.threads, backend=args.backend, threading=args.threading)
     load_s = time.perf_counter() - t0
     ids = np.random.default_rng(0).integers(0, min(m.config.n_vocab, 50257), args.prompt).tolist()
     list(m.generate(ids[:16], 4))  # compile or load the kernels (prefill's and decode's), start the pools
-    t0 = time.perf_counter()
-    stamps, tokens = [], []
-    for tok in m.generate(ids, args.new):
-        stamps.append(time.perf_counter())
-        tokens.append(tok)
+    t0, stamps, tokens = time_gptcpu(m, ids, args.new)
     print(json.dumps({"load_s": load_s, "prefill_tok_s": args.prompt / (stamps[0] - t0),
                       "decode_tok_s": 1 / statistics.median(np.diff(stamps)), "tokens": tokens,
                       "dtype": m.config.dtype}))

@@ -49,7 +49,6 @@ def read_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> flo
                     t = time.perf_counter()
                     read()
                     best = max(best, nbytes / (time.perf_counter() - t))
-        del a, parts, matrix
     return best
 
 
@@ -65,8 +64,7 @@ def build(shape: str, work: Path) -> tuple[Path, Path]:
         config = AutoConfig.for_model(**cfg)
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config).save_pretrained(hf_dir)
-        sys.path.insert(0, str(ROOT / "bench"))
-        from convert_memory import write_byte_tokenizer
+        from gptcpu.bench.convert_memory import write_byte_tokenizer
         write_byte_tokenizer(hf_dir)
     if not (ours / "model.safetensors").exists():
         import gptcpu

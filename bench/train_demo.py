@@ -361,7 +361,7 @@ activation gelu_new, tied input/output embeddings, no dropout; {n_params:,} para
 
 Greedy continuations (transformers, 60 new tokens):
 
-""" + "\n".join(f"```python\n{s}\n```\n" for s in samples.values()) + f"""
+""" + "\n".join(f"```python\n{s}\n```\n" for s in samples.values()) + """
 Per-step losses: `training_log.txt`.
 
 ## Files

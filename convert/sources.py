@@ -12,7 +12,6 @@ import ctypes
 import json
 import mmap
 import os
-import re
 import warnings
 from pathlib import Path
 

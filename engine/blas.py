@@ -88,9 +88,6 @@ class MKL:
     def set_threads(self, n: int) -> None:
         self.rt.MKL_Set_Num_Threads(n)
 
-    def max_threads(self) -> int:
-        return self.rt.MKL_Get_Max_Threads()
-
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """a [M, K] @ b [K, N] (b C- or F-contiguous) -> out [M, N] float32, C-contiguous rows."""
         a = np.ascontiguousarray(a, dtype=np.float32)
