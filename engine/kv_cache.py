@@ -53,3 +53,33 @@ class KVCache:
     def advance(self, T: int) -> None:
         """Every layer has written its T new slots."""
         self.length += T
+
+
+class SlotCache:
+    """The KV cache of a continuous batch: one row (slot) per member, each with its own length.
+
+    Keys and values are `[L, slots, H, capacity, D]` (np.zeros: a slot's pages are backed only
+    as far as it has written, and reused by the next member). A decode step attends for every
+    decoding member at once over the slots `0:hi`, each masked to its own length; a prompt chunk
+    attends over its own slot. Free slots are handed out lowest first, which keeps `hi` small.
+    """
+
+    def __init__(self, config: Config, slots: int, capacity: int):
+        L, H, D = config.n_layer, config.n_head, config.head_dim
+        self.capacity = capacity
+        self.k = np.zeros((L, slots, H, capacity, D), np.float32)
+        self.v = np.zeros((L, slots, H, capacity, D), np.float32)
+        self.length = np.zeros(slots, np.int64)
+        self.free = list(range(slots))
+
+    def acquire(self) -> int:
+        if not self.free:
+            raise ValueError("no free slot in the KV cache")
+        self.free.sort()
+        slot = self.free.pop(0)
+        self.length[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.length[slot] = 0
+        self.free.append(slot)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import blas
+from . import blas, kernels
 from .config import Config
 from .errors import GptcpuError
-from .kv_cache import KVCache
+from .kv_cache import KVCache, SlotCache
 from .weights import Packed, mmap_tensors
 
 F32 = np.float32
@@ -23,9 +23,17 @@ MASKED = np.finfo(F32).min  # added to masked scores: exp() underflows to 0 with
 
 
 def linear(x, w, b=None):  # [..., in], [in, out], [out] -> [..., out]
-    # one GEMM (GEMV when B*T = 1), whatever the batch; a Packed w runs its compiled kernel
+    # one GEMM (GEMV when B*T = 1), whatever the batch; a Packed w runs its compiled kernel, and
+    # so does an f32 w under a decode batch (2 to 8 rows), which BLAS's sgemm handles badly
     x2 = x.reshape(-1, x.shape[-1])
-    y = x2 @ w if isinstance(w, Packed) else blas.matmul(x2, w)
+    if isinstance(w, Packed):
+        y = x2 @ w
+    else:
+        y = None
+        if 1 < x2.shape[0] <= Packed.MATVEC_ROWS and w.dtype == F32:
+            y = kernels.small_matmul(np.ascontiguousarray(x2), w)
+        if y is None:
+            y = blas.matmul(x2, w)
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], w.shape[1])
@@ -149,15 +157,96 @@ class Model:
         x = embed(self.w["wte"], ids)                          # [B, T, C]
         if c.arch == "gpt2":
             x += embed(self.w["wpe"], pos)
-        rot = (self.cos[pos][:, :, None], self.sin[pos][:, :, None]) if c.rotary_dim else None
+        rot = self._rotation(pos)
         for i in range(c.n_layer):
-            x = self.block(i, x, cache, bias, rot)
+            x = self.block(i, x, lambda i, q, k, v: self.attend(i, q, k, v, cache, bias, rot))
         if cache is not None:
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
+        return self.head(x)                                    # [B, T, V]
+
+    def forward_ragged(self, pool: SlotCache, parts) -> list[np.ndarray]:
+        """Several sequences in one pass, each in its own slot of pool: parts is a list of
+        (slot, ids [T_i], all_logits) -> logits per part, [T_i, V] or [1, V] (last only).
+
+        The tokens of every part go through each weight matrix together (one GEMM, the weights
+        read once). Attention runs once for all the parts that decode one token, over their
+        slots, and part by part for prompt chunks. This is the step of continuous batching
+        (gptcpu.engine.batch): members decoding and members prefilling a chunk share it.
+        """
+        c = self.config
+        ids = np.concatenate([np.asarray(t, np.int64).reshape(-1) for _, t, _ in parts])
+        if ids.min() < 0 or ids.max() >= c.n_vocab:
+            raise GptcpuError(f"token id {ids.max() if ids.max() >= c.n_vocab else ids.min()} is outside "
+                              f"the vocabulary of {c.n_vocab}")
+        spans, start = [], 0     # per part: its rows a:b of the N tokens, slot, first position
+        for slot, t, _ in parts:
+            t0 = int(pool.length[slot])
+            if t0 + len(t) > min(pool.capacity, c.n_ctx):
+                raise GptcpuError(f"{len(t)} more tokens do not fit a cache holding {t0} of "
+                                  f"{min(pool.capacity, c.n_ctx)}")
+            spans.append((start, start + len(t), slot, t0))
+            start += len(t)
+        pos = np.concatenate([np.arange(t0, t0 + b - a) for a, b, _, t0 in spans])
+        rot = self._rotation(pos[None])
+        x = embed(self.w["wte"], ids[None])                    # [1, N, C]
+        if c.arch == "gpt2":
+            x += embed(self.w["wpe"], pos[None])
+        for i in range(c.n_layer):
+            x = self.block(i, x, lambda i, q, k, v: self._attend_slots(i, q, k, v, rot, pool, spans))
+        picked = [np.arange(a, b) if all_logits else np.array([b - 1])
+                  for (a, b, _, _), (_, _, all_logits) in zip(spans, parts)]
+        for a, b, slot, _ in spans:
+            pool.length[slot] += b - a
+        logits = self.head(x[:, np.concatenate(picked)])[0]   # [sum of picked, V]
+        return np.split(logits, np.cumsum([len(r) for r in picked])[:-1])
+
+    def _attend_slots(self, i, q, k, v, rot, pool, spans):  # q, k, v [1, N, C] -> [1, N, C]
+        c = self.config
+        N, H, D = q.shape[1], c.n_head, c.head_dim
+        q, k, v = (t.reshape(N, H, D) for t in (q, k, v))
+        if rot is not None:
+            rotate_(q[None], *rot)
+            rotate_(k[None], *rot)
+        K, V = pool.k[i], pool.v[i]                            # [slots, H, capacity, D]
+        for a, b, slot, t0 in spans:                           # this step's keys and values
+            K[slot, :, t0:t0 + b - a] = k[a:b].transpose(1, 0, 2)
+            V[slot, :, t0:t0 + b - a] = v[a:b].transpose(1, 0, 2)
+        scale = 1 / math.sqrt(D)
+        if c.scale_attn_by_inverse_layer_idx:
+            scale /= i + 1
+        out = np.empty((N, H * D), F32)
+        decoding = [(a, slot, t0) for a, b, slot, t0 in spans if b - a == 1]
+        if decoding:  # one token each: all at once over slots 0:hi, each masked to its length
+            rows = np.array([a for a, _, _ in decoding])
+            slots = np.array([s for _, s, _ in decoding])
+            ends = np.array([t0 + 1 for _, _, t0 in decoding])
+            hi, S = slots.max() + 1, ends.max()
+            qs = np.zeros((hi, H, 1, D), F32)
+            qs[slots] = q[rows][:, :, None]
+            valid = np.ones((hi, S), bool)
+            valid[slots] = np.arange(S)[None] < ends[:, None]
+            bias = None if valid.all() else np.where(valid, F32(0), MASKED)[:, None, None].astype(F32)
+            a_all = attention(qs, K[:hi, :, :S], V[:hi, :, :S], bias, scale)   # [hi, 1, H*D]
+            out[rows] = a_all[slots, 0]
+        for a, b, slot, t0 in spans:
+            if b - a > 1:  # a prompt chunk, causal over its own slot
+                T, S = b - a, t0 + b - a
+                bias = self._attention_bias(np.ones((1, S), bool), t0, T)
+                qa = q[a:b].transpose(1, 0, 2)[None]            # [1, H, T, D]
+                out[a:b] = attention(qa, K[slot:slot + 1, :, :S], V[slot:slot + 1, :, :S], bias, scale)[0]
+        return out[None]
+
+    def _rotation(self, pos):  # position ids [B, T] -> cos, sin [B, T, 1, R/2], or None (GPT-2)
+        if not self.config.rotary_dim:
+            return None
+        return self.cos[pos][:, :, None], self.sin[pos][:, :, None]
+
+    def head(self, x):  # final layer norm and LM head: [B, T, C] -> [B, T, V]
+        c = self.config
         x = layer_norm(x, self.w["ln_f.weight"], self.w["ln_f.bias"], c.layer_norm_epsilon)
-        return linear(x, self.head_w, self.head_b)            # [B, T, V]
+        return linear(x, self.head_w, self.head_b)
 
     @staticmethod
     def _attention_bias(valid, t0, T):  # valid [B, S] -> [B, 1, T, S] of 0 / MASKED, or None
@@ -168,18 +257,18 @@ class Model:
             return None
         return np.where(allowed, F32(0), MASKED)[:, None].astype(F32)
 
-    def block(self, i, x, cache, bias, rot):  # [B, T, C] -> [B, T, C]
+    def block(self, i, x, attend):  # [B, T, C] -> [B, T, C]; attend(i, q, k, v) -> [B, T, C]
         c, w, p = self.config, self.w, f"blocks.{i}."
         C = c.n_embd
         h = layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], c.layer_norm_epsilon)
         if c.parallel_residual:
             # GPT-J: attention and MLP both read h; one GEMM in, one GEMM out
             u = linear(h, w[p + "w_in"], w[p + "b_in"])         # [B, T, 3C + I]
-            a = self.attend(i, u[..., :C], u[..., C:2 * C], u[..., 2 * C:3 * C], cache, bias, rot)
+            a = attend(i, u[..., :C], u[..., C:2 * C], u[..., 2 * C:3 * C])
             g = self.act(u[..., 3 * C:])                        # [B, T, I]
             return x + linear(np.concatenate([a, g], -1), w[p + "w_out"], w[p + "b_out"])
         qkv = linear(h, w[p + "attn.w_qkv"], w[p + "attn.b_qkv"])  # [B, T, 3C]
-        a = self.attend(i, qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:], cache, bias, rot)
+        a = attend(i, qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:])
         x = x + linear(a, w[p + "attn.w_o"], w[p + "attn.b_o"])
         h = layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], c.layer_norm_epsilon)
         return x + linear(self.act(linear(h, w[p + "mlp.w_in"], w[p + "mlp.b_in"])), w[p + "mlp.w_out"], w[p + "mlp.b_out"])

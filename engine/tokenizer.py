@@ -30,6 +30,33 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a byte-level BPE token may be part of a character)."""
+        piece = self._tok.id_to_token(int(token))
+        if piece is None:
+            return b""
+        try:
+            return bytes(_BYTE_OF[ch] for ch in piece)
+        except KeyError:  # an added token, written as itself
+            return piece.encode()
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character: that character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_alphabet()
+
 
 class TextStream:
     """Turns a stream of token ids into a stream of text, never splitting a UTF-8 character and
@@ -44,15 +71,17 @@ class TextStream:
         self.stop = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         self.ids: list[int] = []
         self.text = ""       # decoded so far (complete characters only)
+        self.done = 0        # tokens whose text is in self.text (byte-level BPE decodes piecewise)
         self.shown = 0       # characters of self.text already returned
         self.stopped = False
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        tail = self.tokenizer.decode(self.ids[self.done:])
+        if tail.endswith("\ufffd"):
             return ""  # the last token ends inside a UTF-8 character: wait for the rest
-        self.text = text
+        self.text += tail
+        self.done = len(self.ids)
         return self._emit(final=False)
 
     def finish(self) -> str:

@@ -50,7 +50,7 @@ def test_demo_greedy_tokens_equal_transformers(demo, hf):
 def test_demo_perplexity_equals_transformers(demo, hf, tmp_path):
     m = gptcpu.load(demo)
     f = tmp_path / "sample.py"
-    f.write_text((ROOT / "engine" / "generate.py").read_text())  # Python the model never saw
+    f.write_text((ROOT / "engine" / "batch.py").read_text())  # Python the model never saw
     ours = evaluate(m, [f], stride=64)
 
     def hf_logits(ids):

@@ -1,0 +1,135 @@
+"""Continuous batching in the engine: members join and leave between steps, prompts prefill in
+chunks beside running decodes, and every member gets the tokens it gets alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gptcpu
+from gptcpu.engine.batch import Batch, Member, Sampling
+from gptcpu.engine.errors import GptcpuError
+from gptcpu.engine.kv_cache import SlotCache
+
+
+@pytest.fixture(scope="module", params=["gpt2", "gptj"])
+def model(request, factory):
+    return gptcpu.load(factory.converted(request.param, "f32"), threads=2)
+
+
+def prompts_of(model, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, model.config.n_vocab, int(rng.integers(1, 20))).tolist() for _ in range(n)]
+
+
+def test_ragged_forward_equals_one_sequence_at_a_time(model):
+    prompts = prompts_of(model, 3)
+    pool = SlotCache(model.config, 4, 40)
+    slots = [pool.acquire() for _ in prompts]
+    together = model.forward_ragged(pool, [(s, p, True) for s, p in zip(slots, prompts)])
+    for p, logits in zip(prompts, together):
+        np.testing.assert_allclose(logits, model.logits(p), rtol=0, atol=2e-5)
+    # a decode step for all three after their prompts (different lengths, one attention call),
+    # then for two of them beside a new prompt in the freed slot
+    nxt = [[5], [7], [11]]
+    step = model.forward_ragged(pool, [(s, t, False) for s, t in zip(slots, nxt)])
+    for p, t, logits in zip(prompts, nxt, step):
+        np.testing.assert_allclose(logits[0], model.logits(p + t)[-1], rtol=0, atol=2e-5)
+    pool.release(slots[1])
+    again = pool.acquire()
+    assert again == slots[1]
+    step = model.forward_ragged(pool, [(slots[0], [3], False), (again, [9, 8, 7], False), (slots[2], [4], False)])
+    np.testing.assert_allclose(step[0][0], model.logits(prompts[0] + [5, 3])[-1], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(step[1][0], model.logits([9, 8, 7])[-1], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(step[2][0], model.logits(prompts[2] + [11, 4])[-1], rtol=0, atol=2e-5)
+
+
+def alone(model, prompt, sampling):
+    batch = Batch(model, 1, None)
+    m = batch.add(Member(model, prompt, sampling))
+    while batch:
+        batch.step()
+    return m.output
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_members_joining_and_leaving_get_their_single_tokens(model, temperature):
+    prompts = prompts_of(model, 7, seed=1)
+    settings = [Sampling(max_new_tokens=3 + 2 * i, temperature=temperature, top_k=50, seed=100 + i)
+                for i in range(len(prompts))]
+    expected = [alone(model, p, s) for p, s in zip(prompts, settings)]
+    batch = Batch(model, max_batch=3, prefill_chunk=8)   # fewer places than prompts, small chunks
+    waiting = [Member(model, p, s) for p, s in zip(prompts, settings)]
+    members, sizes = list(waiting), []
+    while waiting or batch:
+        while waiting and batch.free:
+            batch.add(waiting.pop(0))
+        batch.step()
+        sizes.append(len(batch))
+    assert [m.output for m in members] == expected
+    assert all(m.finish == "length" for m in members)
+    assert max(sizes) == 3 and min(sizes[:-1]) >= 1
+
+
+def test_prefill_chunk_bounds_each_step(model):
+    long = prompts_of(model, 1, seed=2)[0] * 3       # up to ~57 tokens
+    runner = Member(model, [1, 2, 3], Sampling(max_new_tokens=30))
+    batch = Batch(model, max_batch=2, prefill_chunk=8)
+    batch.add(runner)
+    batch.step()                                       # the runner is decoding
+    newcomer = batch.add(Member(model, long, Sampling(max_new_tokens=2)))
+    steps = 0
+    while newcomer.prefilling:
+        before = newcomer.fed
+        produced = batch.step()
+        steps += 1
+        assert newcomer.fed - before <= 8
+        assert any(m is runner for m, _ in produced)      # the runner got a token every step
+    assert steps == -(-len(long) // 8)
+    assert newcomer.output == alone(model, long, Sampling(max_new_tokens=2))[:len(newcomer.output)]
+
+
+def test_prompt_logprobs_are_the_models_log_softmax(model):
+    prompt = prompts_of(model, 1, seed=3)[0] + [1, 2, 3]
+    batch = Batch(model, 1, prefill_chunk=4)
+    m = batch.add(Member(model, prompt, Sampling(max_new_tokens=2, logprobs=3, prompt_logprobs=True)))
+    while batch:
+        batch.step()
+    logits = model.logits(prompt + m.output[:1])
+    lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    assert [x.token for x in m.prompt_logprobs] == prompt[1:]
+    np.testing.assert_allclose([x.logprob for x in m.prompt_logprobs],
+                               [lp[j, t] for j, t in enumerate(prompt[1:])], atol=1e-4)
+    first = m.logprobs[0]
+    assert first.token == m.output[0] and abs(first.logprob - lp[len(prompt) - 1, m.output[0]]) < 1e-4
+    assert [t for t, _ in first.top] == list(np.argsort(-lp[len(prompt) - 1], kind="stable")[:3])
+
+
+def test_penalties_and_logit_bias(model):
+    prompt = [1, 2, 3]
+    forced = alone(model, prompt, Sampling(max_new_tokens=4, logit_bias={42: 100.0}))
+    assert forced == [42] * 4
+    # greedy under OpenAI's penalties: each generated token loses presence + frequency x count
+    got = alone(model, prompt, Sampling(max_new_tokens=6, logit_bias={42: 1.0}, frequency_penalty=0.7,
+                                        presence_penalty=0.4))
+    expected = []
+    for _ in range(6):
+        logits = model.logits(prompt + expected)[-1].copy()
+        for t in set(expected):
+            logits[t] -= 0.4 + 0.7 * expected.count(t)
+        logits[42] += 1.0
+        expected.append(int(np.argmax(logits)))
+    assert got == expected
+
+
+def test_bad_members_are_refused(model):
+    with pytest.raises(GptcpuError, match="vocabulary"):
+        Member(model, [model.config.n_vocab], Sampling())
+    with pytest.raises(GptcpuError, match="vocabulary"):
+        Member(model, [1], Sampling(logit_bias={-1: 1.0}))
+    with pytest.raises(GptcpuError, match="at least 1"):
+        Member(model, [1], Sampling(max_new_tokens=0))
+    batch = Batch(model, 1)
+    batch.add(Member(model, [1], Sampling()))
+    with pytest.raises(GptcpuError, match="full"):
+        batch.add(Member(model, [1], Sampling()))
