@@ -27,7 +27,8 @@ WEIGHT_LAYOUTS = [  # in order of preference: (single file, index of shards)
     ("pytorch_model.bin", "pytorch_model.bin.index.json"),
 ]
 TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "generation_config.json"]
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+                   "chat_template.jinja"]
 
 
 def pick_weight_files(files: list[str]) -> list[str]:

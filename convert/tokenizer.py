@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gptcpu.engine.errors import GptcpuError
 
-EXTRA_FILES = ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+EXTRA_FILES = ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"]
 
 
 def _special_tokens(folder: Path) -> list[str]:

@@ -132,6 +132,26 @@ def cmd_eval(args) -> None:
               f"{r.bits_per_byte:.4f} bits per byte ({model.config.dtype})")
 
 
+def cmd_serve(args) -> None:
+    from .model import load
+
+    try:
+        import fastapi, prometheus_client, uvicorn  # noqa: F401
+    except ImportError as e:
+        raise GptcpuError(f"gptcpu serve needs the serve extra ({e.name} is missing): "
+                          "pip install 'gptcpu[serve]'") from None
+    from gptcpu.serve import serve
+
+    if args.max_batch < 1 or args.max_queue < 1 or args.prefill_chunk < 1:
+        raise GptcpuError("--max-batch, --max-queue and --prefill-chunk must be at least 1")
+    model = load(args.model or default_model(), threads=args.threads, backend=args.backend,
+                 threading=args.threading)
+    api_key = args.api_key or os.environ.get("GPTCPU_API_KEY") or None
+    serve(model, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+          log_level=args.log_level, name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
+          prefill_chunk=args.prefill_chunk, api_key=api_key)
+
+
 def add_pool_flags(p) -> None:
     from .blas import BACKENDS, THREADINGS
 
@@ -184,6 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     g.add_argument("--verbose", "-v", action="store_true", help="timings and thread pools on stderr")
     g.set_defaults(run=cmd_generate)
+
+    s = sub.add_parser("serve", help="the OpenAI HTTP API (completions, chat) with continuous batching")
+    s.add_argument("--model", help="gptcpu model folder (default: as for generate)")
+    s.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    add_pool_flags(s)
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="sequences waiting for a place in the batch before requests get 429 (default 64)")
+    s.add_argument("--prefill-chunk", type=int, default=128,
+                   help="prompt tokens prefilled per step, so running streams are never stalled longer")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $GPTCPU_API_KEY, else none)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds running requests may finish in after SIGTERM (default 30)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(run=cmd_serve)
 
     e = sub.add_parser("eval", help="perplexity and bits per byte of a model over text files")
     e.add_argument("model", help="gptcpu model folder")
