@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean wheelhouse docker docker-test
+.PHONY: demo test bench bench-serve clean wheelhouse docker docker-test
 
 # The main job on a fresh machine: install the core (no torch), convert the embedded demo model
 # (a small GPT-2 trained on the Python standard library, engine/demo/), generate from it.
@@ -42,6 +42,10 @@ bench: $(VENV)/.bench-installed
 	$(BENCH_ENV) $(PY) -m gptcpu.bench.backends --models gpt2,gptj-4l --repeats 3 --matrix --plot bench/results/backends.png
 	$(BENCH_ENV) $(PY) -m gptcpu.bench.eval_demo --threads 2
 	$(PY) -m gptcpu.bench.convert_memory --layers 4 --dtype f16 | tee bench/results/convert-memory.json
+
+# `gptcpu serve` under 1, 2, 4 and 8 concurrent streaming clients -> bench/results/serve.md
+bench-serve: $(VENV)/.bench-installed
+	$(BENCH_ENV) $(PY) -m gptcpu.bench.serve --shape gpt2 --threads 2 --clients 1,2,4,8 --repeats 3
 
 # Docker: one image per BLAS backend, built from a wheelhouse (no network inside the build).
 # Debian's client (/usr/bin/docker) builds with BuildKit by itself; another client on PATH may
