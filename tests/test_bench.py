@@ -1,0 +1,44 @@
+"""`gptcpu bench` end to end on tiny models: every stack runs, the report is well formed, and
+onnxruntime's and torch's greedy tokens equal gptcpu's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_convert import run_cli
+
+pytest.importorskip("onnxruntime", reason="onnxruntime (test extra) is not installed")
+pytest.importorskip("onnxscript", reason="onnxscript, torch.onnx's exporter (test extra), is not installed")
+
+
+@pytest.mark.parametrize("shape,stacks,dtypes", [
+    ("gpt2", "gptcpu,torch,torch-loop,ort,ort-opt,ort-int8", "f32,q8"),
+    ("gptj", "gptcpu,torch,ort", "f32"),
+])
+def test_bench_runs_every_stack_and_they_agree(factory, tmp_path, shape, stacks, dtypes):
+    source = factory.checkpoint(shape)
+    out = tmp_path / "r.json"
+    r = run_cli("bench", source, "--stacks", stacks, "--dtypes", dtypes, "--batch", "1,2", "--prompt", "8",
+                "--new", "6", "--repeats", "1", "--threads", "1", "--work", tmp_path / "work", "--json", out,
+                "--plot", tmp_path / "p.png", "--markdown", tmp_path / "r.md")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    labels = {x["label"] for x in rows}
+    want = {"gptcpu f32", "transformers generate (f32)", "onnxruntime"}
+    if "ort-opt" in stacks:
+        want |= {"gptcpu q8", "transformers loop (f32)", "onnxruntime optimized", "onnxruntime int8"}
+    assert want <= labels, labels
+    assert not [x for x in rows if "error" in x], rows
+    assert {x["batch"] for x in rows} == {1, 2}
+    for x in rows:
+        assert x["decode_tok_s"]["median"] > 0 and x["prefill_tok_s"]["median"] > 0
+        assert x["peak_rss_mb"] > 10 and 0 < x["of_roofline"]
+        if x["dtype"] == "f32":   # the same f32 weights: the same greedy tokens, in every row
+            assert x["tokens_match"] == "6/6", x
+    table = (tmp_path / "r.md").read_text()
+    assert table.count("\n| ") == len(rows) + 2 and "onnxruntime" in table   # header, rule, rows
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert result["read_bandwidth"]["median"] > 1e8
