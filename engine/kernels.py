@@ -124,10 +124,11 @@ def matvec(x, w, out):
     at the end (bf16 [4096, 28672]: 42 GB/s against 27 with column slices); below, where the
     partial sums cost more than they save, each thread owns N/T columns of every row. With
     several rows of x (a decode batch) the row split always wins: it reads each weight once for
-    all of them (GPT-2-small's 48 matrices, f32, M=2: 8.2 ms against 17.1).
+    all of them (GPT-2-small's 48 matrices, f32, M=2: 8.2 ms against 17.1), on one thread too
+    (the column split reads every weight once per row of x).
     """
     T = numba.get_num_threads()
-    if (w.nbytes > (4 << 20) or x.shape[0] > 1) and T > 1:
+    if (w.nbytes > (4 << 20) and T > 1) or x.shape[0] > 1:
         _matvec_rows(x, w, out, T)
     else:
         _matvec_cols(x, w, out, T)
