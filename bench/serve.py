@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import socket
 import statistics
@@ -118,6 +117,7 @@ def start_server(model: Path, threads: int, max_batch: int) -> tuple[subprocess.
 
 
 def main(argv=None) -> dict:
+    from gptcpu.bench.compare import machine
     from gptcpu.bench.speed import build
     from gptcpu.engine.config import Config
 
@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
         row["speedup"] = row["tok_s"] / rows[0]["tok_s"]
         row["decode_speedup"] = row["decode_tok_s"] / rows[0]["decode_tok_s"]
     result = {"shape": args.shape, "dtype": config.dtype, "threads": args.threads, "prompt": args.prompt,
-              "new": args.new, "repeats": args.repeats, "cpu": _cpu(), "rows": rows}
+              "new": args.new, "repeats": args.repeats, "cpu": machine(), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "serve.md").write_text(render(result))
@@ -187,14 +187,6 @@ def render(r: dict) -> str:
     lines += ["", "Wall: all tokens / the level's wall time, the prompts' prefill included. Decode: the sum over "
                   "streams of (tokens - 1) / (last token - first token), the rate while they run together."]
     return "\n".join(lines) + "\n"
-
-
-def _cpu() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = "unknown CPU"
-    return f"{model}, {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":

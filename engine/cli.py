@@ -144,12 +144,49 @@ def cmd_serve(args) -> None:
 
     if args.max_batch < 1 or args.max_queue < 1 or args.prefill_chunk < 1:
         raise GptcpuError("--max-batch, --max-queue and --prefill-chunk must be at least 1")
+    api_key = args.api_key or os.environ.get("GPTCPU_API_KEY") or None
+    if args.ray:
+        _need_ray()
+        from gptcpu.serve.ray_serve import run
+        run(str(Path(args.model or default_model()).resolve()), address=args.address, host=args.host, port=args.port,
+            threads=args.threads_per_replica, replicas=args.replicas, min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas, name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
+            prefill_chunk=args.prefill_chunk, api_key=api_key)
+        return
     model = load(args.model or default_model(), threads=args.threads, backend=args.backend,
                  threading=args.threading)
-    api_key = args.api_key or os.environ.get("GPTCPU_API_KEY") or None
     serve(model, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
           log_level=args.log_level, name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
           prefill_chunk=args.prefill_chunk, api_key=api_key)
+
+
+def _need_ray() -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise GptcpuError("--ray needs the ray extra: pip install 'gptcpu[ray]'") from None
+
+
+def cmd_batch(args) -> None:
+    from gptcpu.serve.offline import run
+
+    if args.max_batch < 1 or args.actors < 1:
+        raise GptcpuError("--max-batch and --actors must be at least 1")
+    if not Path(args.input).is_file():
+        raise GptcpuError(f"{args.input} is not a file")
+    if args.ray:
+        _need_ray()
+    model = str(Path(args.model or default_model()).resolve())
+    r = run(args.input, args.output, model, threads=args.threads, max_batch=args.max_batch, ray_address=args.ray,
+            actors=args.actors, progress=not args.quiet)
+    print(f"{r['prompts']} prompts: {r['done_before']} done before, {r['generated']} generated, {r['errors']} errors "
+          f"-> {args.output}", file=sys.stderr)
+
+
+def cmd_bench(args) -> None:
+    from gptcpu.bench.compare import run
+
+    run(args)
 
 
 def add_pool_flags(p) -> None:
@@ -220,7 +257,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may finish in after SIGTERM (default 30)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--ray", action="store_true", help="deploy on Ray Serve (the ray extra)")
+    s.add_argument("--address", help="with --ray: join this Ray cluster (default: start a local one)")
+    s.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the engine (default 1)")
+    s.add_argument("--threads-per-replica", type=int, default=1, help="with --ray: CPUs and threads of each replica")
+    s.add_argument("--min-replicas", type=int, help="with --ray: autoscale from this many")
+    s.add_argument("--max-replicas", type=int, help="with --ray: autoscale up to this many")
     s.set_defaults(run=cmd_serve)
+
+    o = sub.add_parser("batch", help="offline generation for a JSONL file of prompts (resumable; --ray to scale out)")
+    o.add_argument("input", help="JSONL: one {\"id\", \"prompt\", sampling fields...} a line")
+    o.add_argument("output", help="JSONL results, in input order; ids already there are skipped")
+    o.add_argument("--model", help="gptcpu model folder (default: as for generate)")
+    o.add_argument("--threads", type=int, help="threads of the engine (of each actor with --ray; default 1 there)")
+    o.add_argument("--max-batch", type=int, default=8, help="sequences generated together (default 8)")
+    o.add_argument("--ray", nargs="?", const="local", metavar="ADDR",
+                   help="run on Ray Data's actor pool: a cluster address, or none for a local Ray")
+    o.add_argument("--actors", type=int, default=1, help="with --ray: actors, each loading the model once")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.set_defaults(run=cmd_batch)
+
+    b = sub.add_parser("bench", help="gptcpu vs onnxruntime vs transformers (torch CPU) on the same weights")
+    from gptcpu.bench.compare import add_arguments
+    add_arguments(b)
+    b.set_defaults(run=cmd_bench)
 
     e = sub.add_parser("eval", help="perplexity and bits per byte of a model over text files")
     e.add_argument("model", help="gptcpu model folder")

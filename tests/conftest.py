@@ -76,3 +76,17 @@ class Factory:
 @pytest.fixture(scope="session")
 def factory(workdir, tokenizer_files) -> Factory:
     return Factory(workdir, tokenizer_files)
+
+
+@pytest.fixture(scope="session")
+def demo_f32(tmp_path_factory) -> Path:
+    """The embedded demo model (a trained GPT-2), converted to f32 once for the session."""
+    import gptcpu
+    return gptcpu.convert(str(checkpoints.ROOT / "engine" / "demo"), tmp_path_factory.mktemp("demo") / "demo-f32",
+                          dtype="f32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_engine(demo_f32):
+    import gptcpu
+    return gptcpu.load(demo_f32, threads=1)

@@ -4,8 +4,6 @@ spoken to with the official `openai` client, raw HTTP, schemathesis and a load t
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,9 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-import gptcpu
-from checkpoints import ROOT
-
 openai = pytest.importorskip("openai", reason="the openai client (test extra) is not installed")
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 
@@ -28,14 +23,13 @@ NAME = "demo"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return gptcpu.convert(str(ROOT / "engine" / "demo"), tmp_path_factory.mktemp("serve") / "demo-f32",
-                          dtype="f32", progress=False)
+def model_dir(demo_f32) -> Path:
+    return demo_f32
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir):
-    return gptcpu.load(model_dir, threads=1)
+def engine(demo_engine):
+    return demo_engine
 
 
 def free_port() -> int:
@@ -203,7 +197,7 @@ def test_errors_raise_the_clients_exceptions(server, client, engine):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=NAME, prompt="x " * 300, max_tokens=10)
     n = len(engine.tokenizer.encode("x " * 300))
-    assert f"context length is 256 tokens" in str(e.value) and f"({n} in your prompt; 10 for" in str(e.value)
+    assert "context length is 256 tokens" in str(e.value) and f"({n} in your prompt; 10 for" in str(e.value)
     with pytest.raises(openai.BadRequestError, match="context"):
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "y " * 300}])
     with pytest.raises(openai.NotFoundError):
