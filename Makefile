@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench bench-serve clean wheelhouse docker docker-test
+.PHONY: demo test bench bench-serve bench-ray compare clean wheelhouse docker docker-test
 
 # The main job on a fresh machine: install the core (no torch), convert the embedded demo model
 # (a small GPT-2 trained on the Python standard library, engine/demo/), generate from it.
@@ -42,6 +42,19 @@ bench: $(VENV)/.bench-installed
 	$(BENCH_ENV) $(PY) -m gptcpu.bench.backends --models gpt2,gptj-4l --repeats 3 --matrix --plot bench/results/backends.png
 	$(BENCH_ENV) $(PY) -m gptcpu.bench.eval_demo --threads 2
 	$(PY) -m gptcpu.bench.convert_memory --layers 4 --dtype f16 | tee bench/results/convert-memory.json
+	$(MAKE) compare
+
+# gptcpu vs onnxruntime vs transformers (gptcpu bench) on the standard random models
+COMPARE_MODELS ?= gpt2 gpt2-medium gptj-4l
+COMPARE_REPEATS ?= 3
+compare: $(VENV)/.bench-installed
+	for m in $(COMPARE_MODELS); do \
+	  $(BENCH_ENV) $(VENV)/bin/gptcpu bench $$m --threads 2 --repeats $(COMPARE_REPEATS) --markdown bench/results/compare-$$m.md \
+	    --json bench/results/compare-$$m.json --plot bench/results/compare-$$m.png || exit 1; done
+
+# Ray on this machine: serve replicas x threads, batch actors -> bench/results/ray.md
+bench-ray: $(VENV)/.bench-installed
+	$(BENCH_ENV) $(PY) -m gptcpu.bench.ray_bench --clients 8 --prompts 96 --repeats 2
 
 # `gptcpu serve` under 1, 2, 4 and 8 concurrent streaming clients -> bench/results/serve.md
 bench-serve: $(VENV)/.bench-installed
