@@ -310,7 +310,7 @@ class Model:
                         seed=seed, stop=stop, repetition_penalty=repetition_penalty, truncate=truncate)
 
     def generate_batch(self, prompts, max_new_tokens: int = 64, **sampling) -> list[list[int]]:
-        """Several prompts at once (left padding + mask), each stopping on its own -> new ids per prompt."""
+        """Several prompts at once (one continuous batch), each stopping on its own -> new ids per prompt."""
         from .generate import generate_batch
         return generate_batch(self, prompts, max_new_tokens, **sampling)
 
