@@ -184,8 +184,23 @@ def cmd_batch(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from gptcpu.bench.compare import run
+    import importlib.util
 
+    from gptcpu.bench.compare import STACKS, run
+
+    for what, given, known in (("stack", args.stacks, STACKS), ("dtype", args.dtypes, ["f32", "bf16", "f16", "q8"]),
+                               ("backend", args.backend, ["openblas", "mkl"])):
+        bad = [x for x in given.split(",") if x not in known]
+        if bad:
+            raise GptcpuError(f"unknown {what} {bad[0]!r}: choose from {', '.join(known)}")
+    needed = ["torch", "transformers"]   # the reference stack, the export, the standard models
+    if any(s.startswith("ort") for s in args.stacks.split(",")):
+        needed += ["onnxruntime", "onnxscript"]
+    if args.plot:
+        needed.append("matplotlib")
+    for module in needed:
+        if importlib.util.find_spec(module) is None:
+            raise GptcpuError(f"gptcpu bench needs the bench extra ({module} is missing): pip install 'gptcpu[bench]'")
     run(args)
 
 

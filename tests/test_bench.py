@@ -42,3 +42,11 @@ def test_bench_runs_every_stack_and_they_agree(factory, tmp_path, shape, stacks,
     assert table.count("\n| ") == len(rows) + 2 and "onnxruntime" in table   # header, rule, rows
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert result["read_bandwidth"]["median"] > 1e8
+
+
+def test_bench_bad_arguments_are_one_line_errors(tmp_path):
+    from test_convert import assert_one_line_error
+
+    assert_one_line_error(run_cli("bench", "gpt2", "--stacks", "gptcpu,tf"), "unknown stack 'tf'")
+    assert_one_line_error(run_cli("bench", "gpt2", "--dtypes", "f8"), "unknown dtype 'f8'")
+    assert_one_line_error(run_cli("bench", tmp_path / "nope", "--stacks", "gptcpu"), "nope")
