@@ -38,7 +38,10 @@ class Job:
         self.last: dict[int, float] = {}  # member index -> time of its last token
 
     def _put(self, event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # its event loop is closed: the server is gone, nobody is listening
+            pass
 
 
 class Scheduler:
@@ -157,7 +160,10 @@ class Scheduler:
             if m.finish is not None:
                 self._close(job, m)
         for loop, events in batches.items():
-            loop.call_soon_threadsafe(_put_all, events)
+            try:
+                loop.call_soon_threadsafe(_put_all, events)
+            except RuntimeError:  # the loop is closed (shutdown)
+                pass
         self._gauges()
 
     def _close(self, job: Job, m: Member) -> None:
