@@ -71,7 +71,8 @@ def prepare(args) -> tuple[Path, str, dict, dict]:
     stacks = args.stacks.split(",")
     if args.source in STANDARD or args.source == "gptj-full":
         if args.source == "gptj-full" and not args.full_gptj:
-            raise SystemExit("gptj-full is 6B parameters (12 GB in bf16): pass --full-gptj to build it")
+            from gptcpu.engine.errors import GptcpuError
+            raise GptcpuError("gptj-full is 6B parameters (12 GB in bf16): pass --full-gptj to build it")
         hf_dir, name = build_standard(args.source, args.work), args.source
     else:
         hf_dir, _ = resolve(args.source)
@@ -113,7 +114,7 @@ def build_standard(shape: str, work: Path) -> Path:
     return folder
 
 
-def cells(args, hf_dir: Path, ours: dict, graphs: dict, vocab: int) -> tuple[list[Cell], dict]:
+def cells(args, hf_dir: Path, ours: dict, graphs: dict, vocab: int, torch_dtype: str) -> tuple[list[Cell], dict]:
     common = ["--threads", str(args.threads), "--prompt", str(args.prompt), "--new", str(args.new),
               "--vocab", str(vocab)]
     out, skipped = [], {}
@@ -127,8 +128,8 @@ def cells(args, hf_dir: Path, ours: dict, graphs: dict, vocab: int) -> tuple[lis
                         label = f"gptcpu {dt}" + (f" ({backend})" if "," in args.backend else "")
                         out.append(Cell(s, dt, b, ["gptcpu", str(folder), "--backend", backend, *run], label))
             elif s in ("torch", "torch-loop"):
-                dt = "bf16" if "gptj-full" in str(hf_dir) else "f32"
-                out.append(Cell(s, dt, b, [s, str(hf_dir), *run], f"{LABELS[s]} ({dt})"))
+                out.append(Cell(s, torch_dtype, b, [s, str(hf_dir), "--dtype", torch_dtype, *run],
+                                f"{LABELS[s]} ({torch_dtype})"))
             elif isinstance(graphs.get(s), Path):
                 out.append(Cell(s, "q8" if s == "ort-int8" else "f32", b, ["ort", str(graphs[s]), *run], LABELS[s]))
             elif s in graphs:
@@ -185,6 +186,14 @@ def summarize(name, args, all_cells, skipped, bw, bytes_per_token) -> dict:
     return {"model": name, "threads": args.threads, "prompt": args.prompt, "new": args.new,
             "repeats": args.repeats, "read_bandwidth": med(bw), "machine": machine(), "rows": rows,
             "skipped": skipped}
+
+
+def save(out: Path, stem: str, result: dict, text: str) -> None:
+    """A benchmark's results: out/STEM.json and out/STEM.md, and the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(text)
 
 
 def machine() -> str:
@@ -259,7 +268,8 @@ def bench(args) -> dict:
     hf_dir, name, ours, graphs = prepare(args)
     config = config_of(str(hf_dir))
     a = account(config)
-    all_cells, skipped = cells(args, hf_dir, ours, graphs, config.n_vocab)
+    # transformers runs the full GPT-J in bf16, as it is stored: its f32 (24 GB) does not fit
+    all_cells, skipped = cells(args, hf_dir, ours, graphs, config.n_vocab, "bf16" if name == "gptj-full" else "f32")
     bw = []
     with tqdm(total=args.repeats * (len(all_cells) + 1), desc=f"bench {name}", unit="run", file=sys.stderr) as bar:
         for r in range(args.repeats):

@@ -52,13 +52,13 @@ def run_gptcpu(model, ids, new, threads, backend):
     return load, t0, stamps, [mem.output for mem in members]
 
 
-def run_torch(model, ids, new, threads, loop):
+def run_torch(model, ids, new, threads, loop, dtype="f32"):
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     t = time.perf_counter()
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype={"f32": torch.float32, "bf16": torch.bfloat16}[dtype]).eval()
     load = time.perf_counter() - t
     x = torch.as_tensor(ids)
     with torch.inference_mode():
@@ -132,6 +132,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--backend")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="transformers' weights (torch stacks)")
     args = ap.parse_args(argv)
 
     ids = prompt_ids(args.batch, args.prompt, args.vocab)
@@ -140,7 +141,8 @@ def main(argv=None) -> None:
     elif args.stack == "ort":
         load, t0, stamps, tokens = run_ort(args.model, ids, args.new, args.threads)
     else:
-        load, t0, stamps, tokens = run_torch(args.model, ids, args.new, args.threads, args.stack == "torch-loop")
+        load, t0, stamps, tokens = run_torch(args.model, ids, args.new, args.threads, args.stack == "torch-loop",
+                                             args.dtype)
     ttft = stamps[0] - t0
     print(json.dumps({"load_s": load, "ttft_s": ttft, "prefill_tok_s": args.batch * args.prompt / ttft,
                       "decode_tok_s": args.batch / statistics.median(np.diff(stamps)),

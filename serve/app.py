@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from gptcpu.engine.batch import Member, Sampling
 from gptcpu.engine.errors import GptcpuError
+from gptcpu.engine.model import check_ids
 from gptcpu.engine.tokenizer import TextStream
 
 from .chat import ChatTemplate
@@ -155,10 +156,10 @@ def create_app(model, name: str | None = None, max_batch: int = 8, max_queue: in
             ids = model.tokenizer.encode(item) if isinstance(item, str) else list(item)
             if not ids:  # an empty prompt starts from <|endoftext|>
                 ids = [model.config.bos_token_id if model.config.bos_token_id is not None else 0]
-            bad = [t for t in ids if not 0 <= t < model.config.n_vocab]
-            if bad:
-                raise OpenAIError(400, f"prompt token id {bad[0]} is outside the vocabulary of "
-                                       f"{model.config.n_vocab}", "prompt")
+            try:   # before they are decoded for echo
+                check_ids(ids, model.config.n_vocab)
+            except (GptcpuError, OverflowError):
+                raise OpenAIError(400, f"prompt token ids must be in 0..{model.config.n_vocab - 1}", "prompt") from None
             prompts.append(ids)
             texts.append(item if isinstance(item, str) else model.tokenizer.decode(ids))
         return prompts, texts
@@ -220,8 +221,9 @@ def create_app(model, name: str | None = None, max_batch: int = 8, max_queue: in
             self.texts[i] += text
             return text
 
-        # the logprobs of member i's tokens k0:k1 (and of its prompt, when echoed)
-        def logprobs_of(self, i, k0, k1, with_prompt=False):
+        # the logprobs of member i's tokens k0:k1 (and of its prompt, when echoed); start: the
+        # text offset of the first (the characters of this choice already sent)
+        def logprobs_of(self, i, k0, k1, with_prompt=False, start=0):
             m = self.members[i]
             items = m.logprobs[k0:k1]
             if self.chat:
@@ -233,7 +235,7 @@ def create_app(model, name: str | None = None, max_batch: int = 8, max_queue: in
                 entries += [(lp.token, lp.logprob, lp.top) for lp in m.prompt_logprobs]
             entries += [(lp.token, lp.logprob, lp.top) for lp in items]
             tokens = [token_text(t) for t, _, _ in entries]
-            offsets, at = [], (0 if with_prompt else len(self._shown_before(i, k0)))
+            offsets, at = [], start
             for t in tokens:
                 offsets.append(at)
                 at += len(t)
@@ -241,10 +243,6 @@ def create_app(model, name: str | None = None, max_batch: int = 8, max_queue: in
                     "top_logprobs": [None if top is None else {token_text(t): v for t, v in top}
                                      for _, _, top in entries],
                     "text_offset": offsets}
-
-        def _shown_before(self, i, k0):
-            prefix = self.prompt_texts[i // self.n] if self.echo else ""
-            return prefix + model.tokenizer.decode(self.members[i].output[:k0])
 
         @staticmethod
         def _chat_lp(lp):
@@ -326,10 +324,13 @@ def create_app(model, name: str | None = None, max_batch: int = 8, max_queue: in
             text = run.advance(i, token, finish)
             left -= finish is not None
             k = len(run.members[i].logprobs)
+            prompt = run.prompt_texts[i // run.n] if run.echo else ""
+            sent_chars = len(prompt) + len(run.texts[i]) - len(text)
             first = sent[i] is None  # echo: the prompt goes out with the member's first token
-            if first and run.echo:
-                text = run.prompt_texts[i // run.n] + text
-            lp = run.logprobs_of(i, sent[i] or 0, k, with_prompt=first) if run.logprobs else None
+            if first:
+                text = prompt + text
+            lp = (run.logprobs_of(i, sent[i] or 0, k, with_prompt=first, start=0 if first else sent_chars)
+                  if run.logprobs else None)
             sent[i] = k
             if not text and finish is None and not run.logprobs:
                 continue
