@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,25 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError("the server did not become healthy")
-
-
 def serve_layout(model: Path, address: str, port: int, replicas: int, threads: int, clients: int, vocab: int,
                  eos: int, repeats: int, env: dict) -> dict:
-    from gptcpu.bench.serve import level   # the same streaming clients as bench-serve
+    from gptcpu.bench.serve import level, wait_healthy   # the same clients and wait as bench-serve
 
     proc = subprocess.Popen([sys.executable, "-m", "gptcpu.engine.cli", "serve", "--ray", "--address", address,
                              "--model", str(model), "--model-name", "bench", "--port", str(port), "--replicas",
@@ -57,7 +40,7 @@ def serve_layout(model: Path, address: str, port: int, replicas: int, threads: i
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc)
+        wait_healthy(url, proc, timeout=300)
         asyncio.run(level(url, 2, 16, 4, vocab, eos, 0))           # warm up every replica
         runs = []
         for r in range(repeats):
@@ -87,8 +70,8 @@ def batch_case(model: Path, inp: Path, work: Path, label: str, extra: list[str],
 
 
 def main(argv=None) -> dict:
-    from gptcpu.bench.compare import machine
-    from gptcpu.bench.serve import with_text_tokenizer
+    from gptcpu.bench.compare import machine, save
+    from gptcpu.bench.serve import free_port, with_text_tokenizer
     from gptcpu.bench.speed import build
     from gptcpu.engine.config import Config
 
@@ -113,9 +96,7 @@ def main(argv=None) -> dict:
     inp.write_text("".join(json.dumps({"id": i, "prompt": list(range(10 + i % 7, 74 + i % 7)), "max_tokens": 32,
                                        "temperature": 0.8, "seed": i}) + "\n" for i in range(args.prompts)))
     try:
-        with socket.socket() as s:   # one port for both: Ray Serve's proxy keeps its first port
-            s.bind(("127.0.0.1", 0))
-            http_port = s.getsockname()[1]
+        http_port = free_port()   # one port for both: Ray Serve's proxy keeps its first port
         layouts = [serve_layout(model, address, http_port, r, t, args.clients, config.n_vocab, config.eos_token_id,
                                 args.repeats, env) for r, t in ((1, 2), (2, 1))]
         cases = [batch_case(model, inp, args.work, "in process, 2 threads", ["--threads", "2"], env, args.prompts),
@@ -127,10 +108,7 @@ def main(argv=None) -> dict:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
     result = {"machine": machine(), "clients": args.clients, "prompts": args.prompts, "serve": layouts,
               "batch": cases}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ray.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "ray.md").write_text(render(result))
-    print(render(result))
+    save(args.out, "ray", result, render(result))
     return result
 
 

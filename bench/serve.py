@@ -96,28 +96,42 @@ def with_text_tokenizer(model: Path) -> Path:
     return out
 
 
-def start_server(model: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
-    import httpx
-
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the server at url answers /health with 200; stop it and fail if it exits or times out."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server did not become healthy in {timeout:.0f} s")
+
+
+def start_server(model: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gptcpu.engine.cli", "serve", "--model", str(model),
                              "--model-name", "bench", "--port", str(port), "--threads", str(threads),
                              "--max-batch", str(max_batch), "--log-level", "warning"])
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not start")
+    wait_healthy(url, proc)
+    return proc, url
 
 
 def main(argv=None) -> dict:
-    from gptcpu.bench.compare import machine
+    from gptcpu.bench.compare import machine, save
     from gptcpu.bench.speed import build
     from gptcpu.engine.config import Config
 
@@ -164,10 +178,7 @@ def main(argv=None) -> dict:
         row["decode_speedup"] = row["decode_tok_s"] / rows[0]["decode_tok_s"]
     result = {"shape": args.shape, "dtype": config.dtype, "threads": args.threads, "prompt": args.prompt,
               "new": args.new, "repeats": args.repeats, "cpu": machine(), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "serve.md").write_text(render(result))
-    print(render(result))
+    save(args.out, "serve", result, render(result))
     return result
 
 

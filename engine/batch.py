@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import GptcpuError
 from .kv_cache import SlotCache
+from .model import check_ids
 from .sampling import apply_penalties, apply_repetition_penalty, sample
 
 
@@ -110,9 +111,7 @@ class Member:
         c = model.config
         self.config, self.sampling = c, s
         self.prompt = fit_prompt([int(t) for t in prompt], c.n_ctx, s.max_new_tokens, truncate)
-        if max(self.prompt) >= c.n_vocab or min(self.prompt) < 0:
-            bad = next(t for t in self.prompt if not 0 <= t < c.n_vocab)
-            raise GptcpuError(f"token id {bad} is outside the vocabulary of {c.n_vocab}")
+        check_ids(self.prompt, c.n_vocab)
         if s.logit_bias and not all(0 <= t < c.n_vocab for t in s.logit_bias):
             raise GptcpuError(f"logit_bias names a token outside the vocabulary of {c.n_vocab}")
         self.stops = StopStrings(model.tokenizer, s.stop)

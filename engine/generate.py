@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .batch import Batch, Member, Sampling, StopStrings, fit_prompt  # noqa: F401 (re-exported)
+from .batch import Batch, Member, Sampling
 
 
 def generate(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -22,6 +22,13 @@ F32 = np.float32
 MASKED = np.finfo(F32).min  # added to masked scores: exp() underflows to 0 without inf - inf = NaN
 
 
+def check_ids(ids, n_vocab: int) -> None:
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
+        raise GptcpuError(f"token id {ids.max() if ids.max() >= n_vocab else ids.min()} is outside "
+                          f"the vocabulary of {n_vocab}")
+
+
 def linear(x, w, b=None):  # [..., in], [in, out], [out] -> [..., out]
     # one GEMM (GEMV when B*T = 1), whatever the batch; a Packed w runs its compiled kernel, and
     # so does an f32 w under a decode batch (2 to 8 rows), which BLAS's sgemm handles badly
@@ -140,9 +147,7 @@ class Model:
         c = self.config
         ids = np.asarray(ids)
         B, T = ids.shape
-        if ids.size and (ids.min() < 0 or ids.max() >= c.n_vocab):
-            raise GptcpuError(f"token id {ids.max() if ids.max() >= c.n_vocab else ids.min()} is outside "
-                              f"the vocabulary of {c.n_vocab}")
+        check_ids(ids, c.n_vocab)
         mask = np.ones((B, T), bool) if mask is None else np.asarray(mask, bool)
         if cache is None:
             pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
@@ -177,9 +182,7 @@ class Model:
         """
         c = self.config
         ids = np.concatenate([np.asarray(t, np.int64).reshape(-1) for _, t, _ in parts])
-        if ids.min() < 0 or ids.max() >= c.n_vocab:
-            raise GptcpuError(f"token id {ids.max() if ids.max() >= c.n_vocab else ids.min()} is outside "
-                              f"the vocabulary of {c.n_vocab}")
+        check_ids(ids, c.n_vocab)
         spans, start = [], 0     # per part: its rows a:b of the N tokens, slot, first position
         for slot, t, _ in parts:
             t0 = int(pool.length[slot])

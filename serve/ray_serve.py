@@ -27,7 +27,6 @@ def application(model_path: str, threads: int = 1, replicas: int = 1, min_replic
 
     from ray import serve
 
-    name = name or Path(model_path).name
     path = str(Path(model_path).resolve())
 
     def builder():  # a function of no arguments: Ray Serve calls it on each replica

@@ -5,20 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from test_convert import assert_one_line_error, run_cli
-
-
-@pytest.fixture(scope="module")
-def demo(demo_f32) -> Path:
-    return demo_f32
-
-
-@pytest.fixture(scope="module")
-def engine(demo_engine):
-    return demo_engine
-
 
 GOOD = [
     {"id": "a", "prompt": "def fib(n):", "max_tokens": 12},
@@ -47,10 +34,10 @@ def expected_text(engine, req) -> str:
     return "".join(stream.push(t) for t in out) + stream.finish()
 
 
-def test_batch_keeps_every_line_in_order_with_errors_as_records(demo, engine, tmp_path):
+def test_batch_keeps_every_line_in_order_with_errors_as_records(demo_f32, demo_engine, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = write_input(inp)
-    r = run_cli("batch", inp, out, "--model", demo, "--threads", "1", "--max-batch", "2")
+    r = run_cli("batch", inp, out, "--model", demo_f32, "--threads", "1", "--max-batch", "2")
     assert r.returncode == 0, r.stderr
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(records) == len(lines)
@@ -63,21 +50,21 @@ def test_batch_keeps_every_line_in_order_with_errors_as_records(demo, engine, tm
     by_id = {rec["id"]: rec for rec in records if "error" not in rec}
     for req in GOOD:
         rec = by_id[req["id"]]
-        assert rec["text"] == expected_text(engine, req), req
+        assert rec["text"] == expected_text(demo_engine, req), req
         assert rec["usage"]["completion_tokens"] <= req["max_tokens"]
         assert rec["finish_reason"] in ("stop", "length")
 
 
-def test_batch_resumes_skipping_what_is_done(demo, engine, tmp_path):
+def test_batch_resumes_skipping_what_is_done(demo_f32, demo_engine, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(inp)
-    assert run_cli("batch", inp, out, "--model", demo, "--threads", "1", "--quiet").returncode == 0
+    assert run_cli("batch", inp, out, "--model", demo_f32, "--threads", "1", "--quiet").returncode == 0
     full = out.read_text().splitlines()
     # an interrupted run: two records written (one of them marked), the last line torn
     kept = [json.loads(full[0]), json.loads(full[3])]
     kept[0]["text"] = "DONE BEFORE"
     out.write_text("".join(json.dumps(k) + "\n" for k in kept) + '{"id": "c", "te')
-    r = run_cli("batch", inp, out, "--model", demo, "--threads", "1", "--quiet")
+    r = run_cli("batch", inp, out, "--model", demo_f32, "--threads", "1", "--quiet")
     assert r.returncode == 0, r.stderr
     again = out.read_text().splitlines()
     assert len(again) == len(full)
@@ -87,8 +74,8 @@ def test_batch_resumes_skipping_what_is_done(demo, engine, tmp_path):
     assert "2 done before, 2 generated, 6 errors" in r.stderr
 
 
-def test_batch_bad_arguments_are_one_line_errors(demo, tmp_path):
-    assert_one_line_error(run_cli("batch", tmp_path / "missing.jsonl", tmp_path / "o.jsonl", "--model", demo),
+def test_batch_bad_arguments_are_one_line_errors(demo_f32, tmp_path):
+    assert_one_line_error(run_cli("batch", tmp_path / "missing.jsonl", tmp_path / "o.jsonl", "--model", demo_f32),
                           "missing.jsonl")
     (tmp_path / "in.jsonl").write_text("{}\n")
     assert_one_line_error(run_cli("batch", tmp_path / "in.jsonl", tmp_path / "o.jsonl", "--model", tmp_path / "nope"),

@@ -13,11 +13,9 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-import gptcpu
-from test_serve import free_port
+from test_serve import free_port, wait_healthy
 
 # `ray start` clusters authenticate with a token: one for this test session, shared by the
 # nodes, the gptcpu processes and this one (ray.init in the fault tests). Ray reads it when
@@ -52,11 +50,6 @@ def cluster():
         subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True, timeout=180)
 
 
-@pytest.fixture(scope="module")
-def demo(demo_f32) -> Path:
-    return demo_f32
-
-
 def requests_file(path: Path, n: int, max_tokens: int = 12) -> None:
     lines = [json.dumps({"id": i, "prompt": f"def f{i}(x):\n", "max_tokens": max_tokens, "temperature": 0.8,
                          "seed": i}) for i in range(n)]
@@ -71,11 +64,11 @@ def batch_cli(*args):
     return r
 
 
-def test_batch_on_the_cluster_equals_in_process(cluster, demo, tmp_path):
+def test_batch_on_the_cluster_equals_in_process(cluster, demo_f32, tmp_path):
     inp = tmp_path / "in.jsonl"
     requests_file(inp, 12)
-    batch_cli(inp, tmp_path / "local.jsonl", "--model", demo, "--threads", "1", "--quiet")
-    batch_cli(inp, tmp_path / "ray.jsonl", "--model", demo, "--threads", "1", "--quiet", "--ray", cluster,
+    batch_cli(inp, tmp_path / "local.jsonl", "--model", demo_f32, "--threads", "1", "--quiet")
+    batch_cli(inp, tmp_path / "ray.jsonl", "--model", demo_f32, "--threads", "1", "--quiet", "--ray", cluster,
               "--actors", "2")
     local = (tmp_path / "local.jsonl").read_text().splitlines()
     assert (tmp_path / "ray.jsonl").read_text().splitlines() == local
@@ -88,11 +81,11 @@ def processes(title: str) -> list[int]:
     return [int(line.split(None, 1)[0]) for line in r.stdout.splitlines() if title in line]
 
 
-def test_an_actor_killed_mid_batch_loses_and_duplicates_nothing(cluster, demo, tmp_path):
+def test_an_actor_killed_mid_batch_loses_and_duplicates_nothing(cluster, demo_f32, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     requests_file(inp, 40, max_tokens=60)
     proc = subprocess.Popen([sys.executable, "-m", "gptcpu.engine.cli", "batch", str(inp), str(out), "--model",
-                             str(demo), "--threads", "1", "--quiet", "--ray", cluster, "--actors", "2"],
+                             str(demo_f32), "--threads", "1", "--quiet", "--ray", cluster, "--actors", "2"],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = None
     deadline = time.time() + 240
@@ -110,27 +103,19 @@ def test_an_actor_killed_mid_batch_loses_and_duplicates_nothing(cluster, demo, t
     assert all("text" in r for i, r in enumerate(records) if i != 3)
 
 
-def test_serve_on_ray_answers_and_survives_a_replica_kill(cluster, demo):
+def test_serve_on_ray_answers_and_survives_a_replica_kill(cluster, demo_f32, demo_engine):
     import openai
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gptcpu.engine.cli", "serve", "--ray", "--address", cluster,
-                             "--model", str(demo), "--model-name", "demo", "--port", str(port), "--replicas", "2",
+                             "--model", str(demo_f32), "--model-name", "demo", "--port", str(port), "--replicas", "2",
                              "--threads-per-replica", "1"], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_healthy(url, proc, 240)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
-        m = gptcpu.load(demo, threads=1)
+        m = demo_engine
         ids = m.tokenizer.encode("def fib(n):")
         expected = m.tokenizer.decode(list(m.generate(ids, 16)))
         r = client.completions.create(model="demo", prompt="def fib(n):", max_tokens=16, temperature=0)

@@ -22,20 +22,25 @@ KEY = "sk-gptcpu-test"
 NAME = "demo"
 
 
-@pytest.fixture(scope="module")
-def model_dir(demo_f32) -> Path:
-    return demo_f32
-
-
-@pytest.fixture(scope="module")
-def engine(demo_engine):
-    return demo_engine
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Until url/health answers 200 (a starting Ray Serve replica answers 500 first)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server did not come up in {timeout:.0f} s")
 
 
 class Server:
@@ -46,16 +51,7 @@ class Server:
             [sys.executable, "-m", "gptcpu.engine.cli", "serve", "--model", str(model_dir), "--model-name", NAME,
              "--port", str(self.port), "--threads", "1", "--log-level", "warning", *flags],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("the server did not come up in 120 s")
+        wait_healthy(self.url, self.proc, 120)
 
     def client(self, key=KEY, **kw):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
@@ -73,8 +69,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    s = Server(model_dir, "--api-key", KEY, "--max-batch", "4", "--max-queue", "16")
+def server(demo_f32):
+    s = Server(demo_f32, "--api-key", KEY, "--max-batch", "4", "--max-queue", "16")
     yield s
     rc, out = s.terminate()
     assert rc == 0, out
@@ -105,40 +101,40 @@ def test_models(client):
     assert client.models.retrieve(NAME).owned_by == "gptcpu"
 
 
-def test_greedy_completion_equals_the_engine(client, engine):
+def test_greedy_completion_equals_the_engine(client, demo_engine):
     r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=40, temperature=0)
-    text, finish = reference(engine, PROMPT, 40)
+    text, finish = reference(demo_engine, PROMPT, 40)
     assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == NAME
     assert r.choices[0].text == text and r.choices[0].finish_reason == finish
-    n_prompt = len(engine.tokenizer.encode(PROMPT))
+    n_prompt = len(demo_engine.tokenizer.encode(PROMPT))
     assert (r.usage.prompt_tokens, r.usage.total_tokens) == (n_prompt, n_prompt + r.usage.completion_tokens)
 
 
-def test_seeded_sampling_is_reproducible_and_equals_the_engine(client, engine):
+def test_seeded_sampling_is_reproducible_and_equals_the_engine(client, demo_engine):
     kw = dict(model=NAME, prompt="class Parser:", max_tokens=30, temperature=0.9, top_p=0.95, seed=11,
               extra_body={"top_k": 40})
     a, b = client.completions.create(**kw), client.completions.create(**kw)
     assert a.choices[0].text == b.choices[0].text
-    text, _ = reference(engine, "class Parser:", 30, temperature=0.9, top_p=0.95, top_k=40, seed=11)
+    text, _ = reference(demo_engine, "class Parser:", 30, temperature=0.9, top_p=0.95, top_k=40, seed=11)
     assert a.choices[0].text == text
     other = client.completions.create(**{**kw, "seed": 12})
     assert other.choices[0].text != a.choices[0].text
 
 
-def test_token_prompts_and_lists_of_prompts(client, engine):
-    ids = engine.tokenizer.encode("def fib(n):")
-    other = engine.tokenizer.encode("import sys")
+def test_token_prompts_and_lists_of_prompts(client, demo_engine):
+    ids = demo_engine.tokenizer.encode("def fib(n):")
+    other = demo_engine.tokenizer.encode("import sys")
     r = client.completions.create(model=NAME, prompt=[ids, other], max_tokens=8, temperature=0, n=2)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
-    assert r.choices[0].text == r.choices[1].text == reference(engine, ids, 8)[0]
-    assert r.choices[2].text == reference(engine, other, 8)[0]
+    assert r.choices[0].text == r.choices[1].text == reference(demo_engine, ids, 8)[0]
+    assert r.choices[2].text == reference(demo_engine, other, 8)[0]
     assert r.usage.prompt_tokens == len(ids) + len(other)
     texts = client.completions.create(model=NAME, prompt=["def fib(n):", "import sys"], max_tokens=8, temperature=0)
     assert [c.text for c in texts.choices] == [r.choices[0].text, r.choices[2].text]
 
 
-def test_stop_strings_cut_the_text(client, engine):
-    full, _ = reference(engine, PROMPT, 40)
+def test_stop_strings_cut_the_text(client, demo_engine):
+    full, _ = reference(demo_engine, PROMPT, 40)
     stop = full[full.index("\n", 1):][:3]      # something the greedy text really contains
     r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop, "@@"])
     assert r.choices[0].finish_reason == "stop"
@@ -155,14 +151,14 @@ def test_streaming_equals_the_whole_response(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_chat(client, engine):
+def test_chat(client, demo_engine):
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Write a parser."}]
     r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=25, temperature=0)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     msg = r.choices[0].message
     assert msg.role == "assistant"
     prompt = "You write Python.\n\nUser: Write a parser.\nAssistant:"   # the documented plain template
-    text, _ = reference(engine, prompt, 25, stop=["\nUser:"])
+    text, _ = reference(demo_engine, prompt, 25, stop=["\nUser:"])
     assert msg.content == text.split("\nUser:")[0]
     chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=25, temperature=0,
                                                  stream=True))
@@ -171,10 +167,10 @@ def test_chat(client, engine):
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
 
 
-def test_logprobs_and_echo(client, engine):
+def test_logprobs_and_echo(client, demo_engine):
     r = client.completions.create(model=NAME, prompt="def f(x):", max_tokens=5, temperature=0, logprobs=2, echo=True)
     c = r.choices[0]
-    n_prompt = len(engine.tokenizer.encode("def f(x):"))
+    n_prompt = len(demo_engine.tokenizer.encode("def f(x):"))
     assert c.text.startswith("def f(x):")
     assert len(c.logprobs.tokens) == n_prompt + 5 and c.logprobs.token_logprobs[0] is None
     assert "".join(c.logprobs.tokens) == c.text
@@ -189,14 +185,14 @@ def test_logprobs_and_echo(client, engine):
 
 # -- errors ------------------------------------------------------------------------------------------
 
-def test_errors_raise_the_clients_exceptions(server, client, engine):
+def test_errors_raise_the_clients_exceptions(server, client, demo_engine):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model=NAME, prompt="x", max_tokens=0)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=NAME, prompt="x", temperature="hot")
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=NAME, prompt="x " * 300, max_tokens=10)
-    n = len(engine.tokenizer.encode("x " * 300))
+    n = len(demo_engine.tokenizer.encode("x " * 300))
     assert "context length is 256 tokens" in str(e.value) and f"({n} in your prompt; 10 for" in str(e.value)
     with pytest.raises(openai.BadRequestError, match="context"):
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "y " * 300}])
@@ -329,8 +325,8 @@ def test_schemathesis_finds_no_server_error(server):
 
 # -- shutdown ------------------------------------------------------------------------------------------
 
-def test_sigterm_ends_streams_cleanly_and_exits_0(model_dir):
-    s = Server(model_dir, "--shutdown-timeout", "0.5")
+def test_sigterm_ends_streams_cleanly_and_exits_0(demo_f32):
+    s = Server(demo_f32, "--shutdown-timeout", "0.5")
     client = s.client()
     stream = client.completions.create(model=NAME, prompt="import", max_tokens=250, temperature=0.8,
                                        stream=True, extra_body={"top_k": 0})
