@@ -1,4 +1,5 @@
-"""Compiled kernels for low-precision weights: they convert in registers, never in memory.
+"""Compiled kernels for decode: GEMV over weights of any dtype (low-precision ones converted in
+registers, never in memory) and attention over a KV cache.
 
 A decode step reads every weight once, so its speed is bandwidth / bytes per weight: bf16 and
 f16 weights read half the bytes of f32, int8 a quarter. BLAS has no fast half-precision GEMV on
@@ -6,7 +7,8 @@ most CPUs and NumPy's casts run near 1 GB/s, so these loops are compiled with nu
 `parallel=True` over the numba threading layer that engine.blas picks.
 
 Weights are passed as raw bits, their NumPy type saying what they hold: bf16 as uint16, f16 as
-int16 (a view of the float16 bits), q8 as int8 (its per-output-channel scale applied after).
+int16 (a view of the float16 bits), q8 as int8 (its per-output-channel scale applied after),
+f32 as float32. All of decode runs on this one thread pool (prefill's GEMMs on the BLAS's).
 f16 bits are widened exactly for every finite value (the converter refuses weights that
 overflow f16), subnormals included.
 """
@@ -53,7 +55,7 @@ def threading_layer() -> str:
     except ValueError:
         return "not started"
 BLOCK = 256   # matvec_t: output rows per parallel task
-CHUNK = 2048  # matvec: columns of eight weight rows kept in L1 while every row of x uses them
+CHUNK = 1024  # matvec: columns of eight weight rows kept in L1 (32 KB at f32) while every row of x uses them
 
 
 @intrinsic
@@ -268,6 +270,51 @@ def matvec_t(x, w, out):
             n += 1
 
 
+@njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
+def attend_decode(q, k, v, K, V, slots, ends, scale, out):
+    """One new token per sequence, attending over its slot of a KV cache: the decode step of a
+    continuous batch, every (sequence, head) a parallel task.
+
+    q, k, v [n, H, D]: the new tokens' query, key and value; K, V [slots, H, capacity, D]: the
+    cache, where row r's key and value are written at position ends[r] - 1 of slot slots[r]
+    before it attends over positions 0:ends[r]; out [n, H, D]. Where NumPy would make 2 x n x H
+    small GEMM calls over a zero-padded, masked batch, this reads each cached key and value
+    once (GPT-2-small, 8 sequences of ~150 tokens, 2 threads: see engine.model._attend_slots).
+    """
+    n, H, D = q.shape
+    for task in prange(n * H):
+        r, h = task // H, task % H
+        s, L = slots[r], ends[r]
+        Ks, Vs = K[s, h], V[s, h]
+        Ks[L - 1] = k[r, h]
+        Vs[L - 1] = v[r, h]
+        qv = q[r, h]
+        p = np.empty(L, np.float32)
+        top = np.float32(-np.inf)
+        for t in range(L):
+            kt = Ks[t]
+            acc = np.float32(0)
+            for d in range(D):
+                acc += qv[d] * kt[d]
+            acc *= scale
+            p[t] = acc
+            top = max(top, acc)
+        total = np.float32(0)
+        for t in range(L):
+            e = np.exp(p[t] - top)
+            p[t] = e
+            total += e
+        o = out[r, h]
+        o[:] = 0
+        for t in range(L):
+            pt, vt = p[t], Vs[t]
+            for d in range(D):
+                o[d] += pt * vt[d]
+        inv = np.float32(1) / total
+        for d in range(D):
+            o[d] *= inv
+
+
 @njit(fastmath=True, boundscheck=False, cache=True, nogil=True)
 def widen_into(w, out):
     """out[K, N] f32 = w[K, N] widened, for prefill's sgemm. One thread on purpose: it is a small
@@ -282,8 +329,8 @@ def widen_into(w, out):
 
 
 def small_matmul(x, w):
-    """x [M, K] @ w for f32 weights and 1 < M <= 8 (a decode batch) in one pass over w, where
-    OpenBLAS's sgemm would first copy all of w into its packed layout (GPT-2-small's matrices,
+    """x [M, K] @ w for f32 weights and M <= 8 (decode) in one pass over w, where OpenBLAS's
+    sgemm would first copy all of w into its packed layout at M > 1 (GPT-2-small's matrices,
     2 threads, M=8: 13.3 ms against 18.3). w is [K, N] C-contiguous, or the transpose of a
     C-contiguous [N, K] (the tied LM head). -> None for any other layout (use the BLAS)."""
     out = np.empty((x.shape[0], w.shape[1]), np.float32)

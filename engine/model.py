@@ -31,13 +31,15 @@ def check_ids(ids, n_vocab: int) -> None:
 
 def linear(x, w, b=None):  # [..., in], [in, out], [out] -> [..., out]
     # one GEMM (GEMV when B*T = 1), whatever the batch; a Packed w runs its compiled kernel, and
-    # so does an f32 w under a decode batch (2 to 8 rows), which BLAS's sgemm handles badly
+    # so does an f32 w at decode (1 to 8 rows): BLAS's sgemm handles 2-8 rows badly, and a
+    # decode step that ran both BLAS's threads and the kernels' (attention) would have each
+    # pool spinning against the other (GPT-2-small at batch 1, 2 threads: 32 ms/step, 13.5 with one)
     x2 = x.reshape(-1, x.shape[-1])
     if isinstance(w, Packed):
         y = x2 @ w
     else:
         y = None
-        if 1 < x2.shape[0] <= Packed.MATVEC_ROWS and w.dtype == F32:
+        if x2.shape[0] <= Packed.MATVEC_ROWS and w.dtype == F32:
             y = kernels.small_matmul(np.ascontiguousarray(x2), w)
         if y is None:
             y = blas.matmul(x2, w)
@@ -213,28 +215,24 @@ class Model:
             rotate_(q[None], *rot)
             rotate_(k[None], *rot)
         K, V = pool.k[i], pool.v[i]                            # [slots, H, capacity, D]
-        for a, b, slot, t0 in spans:                           # this step's keys and values
-            K[slot, :, t0:t0 + b - a] = k[a:b].transpose(1, 0, 2)
-            V[slot, :, t0:t0 + b - a] = v[a:b].transpose(1, 0, 2)
         scale = 1 / math.sqrt(D)
         if c.scale_attn_by_inverse_layer_idx:
             scale /= i + 1
-        out = np.empty((N, H * D), F32)
-        decoding = [(a, slot, t0) for a, b, slot, t0 in spans if b - a == 1]
-        if decoding:  # one token each: all at once over slots 0:hi, each masked to its length
-            rows = np.array([a for a, _, _ in decoding])
-            slots = np.array([s for _, s, _ in decoding])
-            ends = np.array([t0 + 1 for _, _, t0 in decoding])
-            hi, S = slots.max() + 1, ends.max()
-            qs = np.zeros((hi, H, 1, D), F32)
-            qs[slots] = q[rows][:, :, None]
-            valid = np.ones((hi, S), bool)
-            valid[slots] = np.arange(S)[None] < ends[:, None]
-            bias = None if valid.all() else np.where(valid, F32(0), MASKED)[:, None, None].astype(F32)
-            a_all = attention(qs, K[:hi, :, :S], V[:hi, :, :S], bias, scale)   # [hi, 1, H*D]
-            out[rows] = a_all[slots, 0]
+        out = np.empty((N, H, D), F32)
+        dec = [(a, slot, t0) for a, b, slot, t0 in spans if b - a == 1]
+        if dec:  # one token each: one compiled call writes their keys and values and attends
+            rows = np.array([a for a, _, _ in dec]) if len(dec) < N else slice(None)
+            slots = np.array([s for _, s, _ in dec], np.int64)
+            ends = np.array([t0 + 1 for _, _, t0 in dec], np.int64)
+            o = np.empty((len(dec), H, D), F32)
+            kernels.attend_decode(np.ascontiguousarray(q[rows]), np.ascontiguousarray(k[rows]),
+                                  np.ascontiguousarray(v[rows]), K, V, slots, ends, F32(scale), o)
+            out[rows] = o
+        out = out.reshape(N, H * D)
         for a, b, slot, t0 in spans:
             if b - a > 1:  # a prompt chunk, causal over its own slot
+                K[slot, :, t0:t0 + b - a] = k[a:b].transpose(1, 0, 2)
+                V[slot, :, t0:t0 + b - a] = v[a:b].transpose(1, 0, 2)
                 T, S = b - a, t0 + b - a
                 bias = self._attention_bias(np.ones((1, S), bool), t0, T)
                 qa = q[a:b].transpose(1, 0, 2)[None]            # [1, H, T, D]

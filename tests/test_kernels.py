@@ -14,6 +14,8 @@ SHAPES = [(1, 7, 5), (1, 768, 2304), (3, 769, 1001), (2, 130, 257), (8, 64, 513)
 
 def stored(w32: np.ndarray, dtype: str):
     """-> (the bits as kernels take them, the exact f32 values they hold)."""
+    if dtype == "f32":   # decode batches of f32 weights run the same kernels
+        return w32, w32
     if dtype == "bf16":
         bits = f32_to_bf16(w32)
         return bits, bf16_to_f32(bits)
@@ -24,7 +26,7 @@ def stored(w32: np.ndarray, dtype: str):
     return q, q.astype(np.float32)
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "f16", "q8"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16", "q8"])
 @pytest.mark.parametrize("M,K,N", SHAPES)
 def test_matvec_kernels_match_numpy(M, K, N, dtype):
     rng = np.random.default_rng(K * N + M)
@@ -46,6 +48,29 @@ def test_matvec_kernels_match_numpy(M, K, N, dtype):
     buf = np.empty((K, N), np.float32)
     kernels.widen_into(bits, buf)
     np.testing.assert_array_equal(buf, exact)
+
+
+@pytest.mark.parametrize("H,D", [(12, 64), (3, 5), (16, 256)])
+def test_attend_decode_matches_numpy_softmax_attention(H, D):
+    """Each new token's key and value land at its slot's last position, and its output is the
+    softmax attention over that slot's first `ends` positions only (the rest is never read)."""
+    rng = np.random.default_rng(H * D)
+    slots, cap = 5, 40
+    K = rng.standard_normal((slots, H, cap, D), dtype=np.float32)
+    V = rng.standard_normal((slots, H, cap, D), dtype=np.float32)
+    K0, V0 = K.copy(), V.copy()
+    rows_slots, ends = np.array([3, 0, 4], np.int64), np.array([17, 1, 40], np.int64)
+    q, k, v = (rng.standard_normal((3, H, D), dtype=np.float32) for _ in range(3))
+    out = np.empty((3, H, D), np.float32)
+    kernels.attend_decode(q, k, v, K, V, rows_slots, ends, np.float32(0.3), out)
+    for r, (s, L) in enumerate(zip(rows_slots, ends)):
+        K0[s, :, L - 1], V0[s, :, L - 1] = k[r], v[r]
+        scores = np.einsum("hd,htd->ht", q[r].astype(np.float64), K0[s, :, :L]) * 0.3
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        np.testing.assert_allclose(out[r], np.einsum("ht,htd->hd", p, V0[s, :, :L]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(K, K0)   # only the new positions were written
+    np.testing.assert_array_equal(V, V0)
 
 
 def test_f16_widening_is_exact_for_every_finite_half():
