@@ -64,13 +64,29 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.
     if not 0 < top_k < logits.shape[-1] and top_p >= 1.0:  # the whole vocabulary, in id order
         e = logits / F32(temperature)
         e -= e.max()
-        cdf = np.cumsum(np.exp(e, out=e), out=e)
-        j = int(np.searchsorted(cdf, rng.random(dtype=F32) * cdf[-1], side="right"))
-        return min(j, len(cdf) - 1)
+        return draw(np.exp(e, out=e), rng.random(dtype=F32))
     ids, p = candidates(logits, temperature, top_k, top_p)
     cdf = np.cumsum(p)
     j = int(np.searchsorted(cdf, rng.random(dtype=F32) * cdf[-1], side="right"))
     return int(ids[min(j, len(ids) - 1)])
+
+
+def draw(weights: np.ndarray, u, block: int = 1024) -> int:
+    """The index where the running sum of weights [V] (unnormalized, >= 0) first exceeds u x
+    their total, u in [0, 1): inverse-CDF sampling. The sum runs over blocks first, then within
+    the one block that holds the crossing: a full np.cumsum is one 50k-long chain of dependent
+    adds (0.13 ms, a tenth of a small model's decode step per sequence)."""
+    V = len(weights)
+    n = V // block * block
+    sums = weights[:n].reshape(-1, block).sum(1)
+    if n < V:
+        sums = np.append(sums, weights[n:].sum())
+    cum = np.cumsum(sums)
+    target = u * cum[-1]
+    b = min(int(np.searchsorted(cum, target, side="right")), len(cum) - 1)
+    within = target - (cum[b - 1] if b else 0)
+    j = b * block + int(np.searchsorted(np.cumsum(weights[b * block:(b + 1) * block]), within, side="right"))
+    return min(j, V - 1)
 
 
 def apply_penalties(logits: np.ndarray, generated, presence: float = 0.0, frequency: float = 0.0,

@@ -109,6 +109,29 @@ def test_seeded_sampling_is_reproducible(factory):
     assert list(m.generate(ids, 20, temperature=1.0, top_k=1, seed=5)) == list(m.generate(ids, 20))
 
 
+@pytest.mark.parametrize("V", [1, 5, 1024, 1500, 50257])
+def test_draw_samples_each_index_with_its_probability(V):
+    """Inverse-CDF sampling over blocks: every u picks the index whose share of the running sum
+    holds it (checked against float64), and frequencies follow the weights."""
+    from gptcpu.engine.sampling import draw
+
+    rng = np.random.default_rng(V)
+    w = np.exp(rng.standard_normal(V) * 3).astype(np.float32)
+    w[rng.random(V) < 0.3] = 0    # tokens a logit bias ruled out are never drawn
+    w[-1] = 1
+    cdf = np.cumsum(w.astype(np.float64))
+    for u in rng.random(2000, dtype=np.float32):
+        j = draw(w, u)
+        lo, hi = (cdf[j - 1] if j else 0) / cdf[-1], cdf[j] / cdf[-1]
+        assert w[j] > 0 and lo - 1e-5 <= u <= hi + 1e-5
+    assert draw(w, np.float32(0)) == np.flatnonzero(w)[0]
+    if V >= 1024:
+        n = 100_000
+        counts = np.bincount([draw(w, u) for u in rng.random(n, dtype=np.float32)], minlength=V)
+        p = w / w.sum()
+        assert np.abs(counts / n - p).max() < 5 * np.sqrt(p.max() / n)
+
+
 def q8_round_trip(state: dict) -> dict:
     """What gptcpu's q8 keeps of HF weights: symmetric int8, one scale per output channel (rows
     of Linear weights and embedding tables; columns of GPT-2's Conv1D [in, out]). GPT-J's fused
