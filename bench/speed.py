@@ -31,21 +31,27 @@ def read_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> flo
     """Bytes/s of the fastest plain read of 1 GiB of float32 in the kind of memory the weights
     live in (a file's pages mapped from the page cache; anonymous memory gets huge pages and
     reads up to ~40% faster here, which no mmap'd model can): the best of np.max split across
-    `threads` threads and the BLAS's GEMV over a [262144, 1024] matrix, best of repeats.
-    (np.sum's pairwise summation is slower than memory on one core; it would understate the
-    roofline.) The BLAS pool should already be limited to `threads`."""
+    `threads` threads, the BLAS's GEMV and gptcpu's own decode kernel over a [262144, 1024]
+    matrix, best of repeats. (np.sum's pairwise summation is slower than memory on one core; it
+    would understate the roofline. So do np.max and the GEMV on their own: the kernel streams
+    rows ~45% faster here, and a roofline that decode passes is no bound.) The BLAS pool and
+    the kernels' pool should already be limited to `threads`."""
     import tempfile
+
+    from gptcpu.engine import kernels
 
     with tempfile.NamedTemporaryFile(dir=os.environ.get("GPTCPU_BENCH_TMP", "/tmp")) as f:
         np.ones(nbytes // 4, np.float32).tofile(f.name)
         a = np.memmap(f.name, np.float32, "r")
         parts = np.array_split(a, threads)
         matrix, x = a.reshape(-1, 1024), np.ones(1024, np.float32)
+        xk, out = np.ones((1, matrix.shape[0]), np.float32), np.empty((1, 1024), np.float32)
         a.max()  # fault every page in
         best = 0.0
         with ThreadPoolExecutor(threads) as pool:
             for _ in range(repeats):
-                for read in (lambda: list(pool.map(np.max, parts)), lambda: matrix @ x):
+                for read in (lambda: list(pool.map(np.max, parts)), lambda: matrix @ x,
+                             lambda: kernels.matvec(xk, matrix, out)):
                     t = time.perf_counter()
                     read()
                     best = max(best, nbytes / (time.perf_counter() - t))
