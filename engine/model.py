@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import blas, kernels
+from . import blas, kernels, threads
 from .config import Config
 from .errors import GptcpuError
 from .kv_cache import KVCache, SlotCache
@@ -150,6 +150,7 @@ class Model:
         ids = np.asarray(ids)
         B, T = ids.shape
         check_ids(ids, c.n_vocab)
+        threads.apply()
         mask = np.ones((B, T), bool) if mask is None else np.asarray(mask, bool)
         if cache is None:
             pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
@@ -185,6 +186,7 @@ class Model:
         c = self.config
         ids = np.concatenate([np.asarray(t, np.int64).reshape(-1) for _, t, _ in parts])
         check_ids(ids, c.n_vocab)
+        threads.apply()
         spans, start = [], 0     # per part: its rows a:b of the N tokens, slot, first position
         for slot, t, _ in parts:
             t0 = int(pool.length[slot])

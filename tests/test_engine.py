@@ -281,6 +281,31 @@ needs_mkl = pytest.mark.skipif(not has_mkl(), reason="needs the mkl extra (libmk
                                                      "pip install 'gptcpu[mkl]')")
 
 
+@pytest.mark.skipif(__import__("numba").config.NUMBA_NUM_THREADS < 2,
+                    reason="needs 2 or more CPUs: with one, every thread's count is already 1")
+def test_threads_hold_in_every_thread_that_runs_the_model(demo_engine):
+    """numba keeps its thread count per Python thread; a model used from another thread (serve's
+    scheduler, a Ray worker) must still run its kernels on the threads it was loaded with."""
+    import threading
+
+    import numba
+
+    from gptcpu.engine.threads import set_threads
+
+    set_threads(1)
+    seen = []
+
+    def work():
+        seen.append(numba.get_num_threads())     # a fresh thread starts with numba's default
+        list(demo_engine.generate([1, 2, 3], 2))
+        seen.append(numba.get_num_threads())
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen == [numba.config.NUMBA_NUM_THREADS, 1]
+
+
 @needs_mkl
 @pytest.mark.parametrize("backend,threading,expect", [
     ("mkl", "openmp", ["mkl", "(gnu)", "layer omp"]),
