@@ -54,6 +54,8 @@ def threading_layer() -> str:
         return numba.threading_layer()
     except ValueError:
         return "not started"
+
+
 BLOCK = 256   # matvec_t: output rows per parallel task
 CHUNK = 1024  # matvec: columns of eight weight rows kept in L1 (32 KB at f32) while every row of x uses them
 
