@@ -58,7 +58,7 @@ bench-ray: $(VENV)/.bench-installed
 
 # `gptcpu serve` under 1, 2, 4 and 8 concurrent streaming clients -> bench/results/serve.md
 bench-serve: $(VENV)/.bench-installed
-	$(BENCH_ENV) $(PY) -m gptcpu.bench.serve --shape gpt2 --threads 2 --clients 1,2,4,8 --repeats 3
+	$(BENCH_ENV) $(PY) -m gptcpu.bench.serve --shape gpt2 --threads 2 --clients 1,2,4,8 --repeats 5
 
 # Docker: one image per BLAS backend, built from a wheelhouse (no network inside the build).
 # Debian's client (/usr/bin/docker) builds with BuildKit by itself; another client on PATH may

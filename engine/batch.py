@@ -165,7 +165,9 @@ class Batch:
 
     max_batch bounds the members; prefill_chunk bounds the prompt tokens all prefilling members
     feed into one step together (None: whole prompts at once), so a newcomer's prompt delays
-    the members already decoding by at most one chunk per step.
+    the members already decoding by at most one chunk per step. A prompt is always cut into
+    the same chunks, and Model.forward_ragged keeps each row's numbers independent of the rows
+    beside it, so a member's logits are those it gets alone (to the last bits of the LM head).
     """
 
     def __init__(self, model, max_batch: int = 8, prefill_chunk: int | None = 128, capacity: int | None = None):
@@ -205,10 +207,12 @@ class Batch:
         budget = self.prefill_chunk
         feeding = []
         for m in self.members:
-            if m.prefilling and budget is not None and budget <= 0:
-                continue   # waits for the next step's chunk
-            ids = m.feed(budget)
+            ids = m.feed(self.prefill_chunk)
             if m.prefilling and budget is not None:
+                # a prompt is cut at the same places alone or in a batch (its numbers must not
+                # depend on the others): it waits while its next whole chunk does not fit
+                if len(ids) > budget:
+                    continue
                 budget -= len(ids)
             feeding.append((m, ids))
         if not feeding:

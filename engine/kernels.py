@@ -122,50 +122,16 @@ def _widen(v):
 def matvec(x, w, out):
     """out[M, N] = x[M, K] @ w[K, N] for a small M (decode), w in its stored bits.
 
-    Two ways to split the work between T threads, chosen by size (measured at 2 threads on
-    sequences of GPT-2 and GPT-J matrices larger than the caches, as decode reads them): above
-    4 MB each thread streams a contiguous range of whole rows and the partial sums are added
-    at the end (bf16 [4096, 28672]: 42 GB/s against 27 with column slices); below, where the
-    partial sums cost more than they save, each thread owns N/T columns of every row. With
-    several rows of x (a decode batch) the row split always wins: it reads each weight once for
-    all of them (GPT-2-small's 48 matrices, f32, M=2: 8.2 ms against 17.1), on one thread too
-    (the column split reads every weight once per row of x).
+    Each of the T threads streams a contiguous range of whole rows of w, eight at a time, and
+    the partial sums are added at the end. Every row of x is computed the same way whatever M
+    is (the split depends on K and T only), so a sequence's logits are bit for bit the same
+    alone or in a decode batch. (A split by columns ran 0-15% faster at one row of small
+    matrices on one thread, and lost at two: GPT-2-small's 48 block matrices, q8, 2 threads,
+    3.3 ms against 3.1; it would make a sequence's numbers depend on the batch it is in.) With
+    several rows of x the weights are read once for all of them (GPT-2-small f32, M=2: 8.2 ms
+    against 17.1 reading them once per row).
     """
-    T = numba.get_num_threads()
-    if (w.nbytes > (4 << 20) and T > 1) or x.shape[0] > 1:
-        _matvec_rows(x, w, out, T)
-    else:
-        _matvec_cols(x, w, out, T)
-
-
-@njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
-def _matvec_cols(x, w, out, threads):
-    """matvec, each thread owning a contiguous range of columns (a multiple of 16)."""
-    M, K = x.shape
-    N = w.shape[1]
-    step = ((N + threads - 1) // threads + 15) // 16 * 16
-    for t in prange(threads):
-        n0, n1 = t * step, min(N, t * step + step)
-        if n1 <= n0:
-            continue
-        for m in range(M):
-            acc = np.zeros(n1 - n0, np.float32)
-            k = 0
-            while k + 8 <= K:
-                x0, x1, x2, x3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
-                x4, x5, x6, x7 = x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
-                r0, r1, r2, r3 = w[k, n0:n1], w[k + 1, n0:n1], w[k + 2, n0:n1], w[k + 3, n0:n1]
-                r4, r5, r6, r7 = w[k + 4, n0:n1], w[k + 5, n0:n1], w[k + 6, n0:n1], w[k + 7, n0:n1]
-                for j in range(n1 - n0):
-                    acc[j] += (x0 * widen(r0[j]) + x1 * widen(r1[j]) + x2 * widen(r2[j]) + x3 * widen(r3[j])
-                               + x4 * widen(r4[j]) + x5 * widen(r5[j]) + x6 * widen(r6[j]) + x7 * widen(r7[j]))
-                k += 8
-            while k < K:
-                x0, r0 = x[m, k], w[k, n0:n1]
-                for j in range(n1 - n0):
-                    acc[j] += x0 * widen(r0[j])
-                k += 1
-            out[m, n0:n1] = acc
+    _matvec_rows(x, w, out, numba.get_num_threads())
 
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)

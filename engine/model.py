@@ -83,6 +83,28 @@ ACTIVATIONS = {
 }
 
 
+def _row_groups(lengths) -> list:
+    """Runs of `lengths` rows -> row groups: the one-row runs together, in groups of at most
+    Packed.MATVEC_ROWS (index arrays), then each longer run on its own (slices)."""
+    starts = np.cumsum([0] + list(lengths[:-1]))
+    single = np.array([s for s, n in zip(starts, lengths) if n == 1], np.int64)
+    groups = [single[j:j + Packed.MATVEC_ROWS] for j in range(0, len(single), Packed.MATVEC_ROWS)]
+    groups += [slice(s, s + n) for s, n in zip(starts, lengths) if n > 1]
+    if len(groups) == 1 and isinstance(groups[0], np.ndarray) and len(groups[0]) == sum(lengths):
+        return [slice(0, len(groups[0]))]   # all rows, in order: one group
+    return groups
+
+
+def _grouped(f, x, groups):  # f over rows [1, n, C] -> [1, n, out], group by group -> [1, N, out]
+    out = None
+    for rows in groups:
+        y = f(x[:, rows])
+        if out is None:
+            out = np.empty((1, x.shape[1], y.shape[-1]), F32)
+        out[:, rows] = y
+    return out
+
+
 def embed(table, idx):  # [rows, C] f32 or Packed, int [...] -> [..., C] float32, a fresh array
     return table.rows(idx) if isinstance(table, Packed) else table[idx]
 
@@ -178,10 +200,11 @@ class Model:
         """Several sequences in one pass, each in its own slot of pool: parts is a list of
         (slot, ids [T_i], all_logits) -> logits per part, [T_i, V] or [1, V] (last only).
 
-        The tokens of every part go through each weight matrix together (one GEMM, the weights
-        read once). Attention runs once for all the parts that decode one token, over their
-        slots, and part by part for prompt chunks. This is the step of continuous batching
-        (gptcpu.engine.batch): members decoding and members prefilling a chunk share it.
+        The parts that feed one token go through each weight matrix together (the compiled GEMV,
+        the weights read once for up to 8 of them) and attend in one compiled call over their
+        slots; each prompt chunk has its own GEMMs and attends over its own slot. This is the
+        step of continuous batching (gptcpu.engine.batch): members decoding and members
+        prefilling a chunk share it, and no part's numbers depend on the others'.
         """
         c = self.config
         ids = np.concatenate([np.asarray(t, np.int64).reshape(-1) for _, t, _ in parts])
@@ -200,13 +223,22 @@ class Model:
         x = embed(self.w["wte"], ids[None])                    # [1, N, C]
         if c.arch == "gpt2":
             x += embed(self.w["wpe"], pos[None])
+        # Rows go through the weights in groups that do not depend on the rest of the batch:
+        # one-token rows together, in the compiled GEMV (8 at a time), each prompt chunk on its
+        # own. The GEMV computes each row the same way whatever else is in it; BLAS's sgemm
+        # does not (one more row changes the others' last bits), so a prompt chunk shares its
+        # GEMM with nothing and a sequence's numbers are the same alone or in any batch.
+        groups = _row_groups([b - a for a, b, _, _ in spans])
+        lin = linear if len(groups) == 1 else (lambda x, w, b=None: _grouped(lambda r: linear(r, w, b), x, groups))
         for i in range(c.n_layer):
-            x = self.block(i, x, lambda i, q, k, v: self._attend_slots(i, q, k, v, rot, pool, spans))
+            x = self.block(i, x, lambda i, q, k, v: self._attend_slots(i, q, k, v, rot, pool, spans), lin)
         picked = [np.arange(a, b) if all_logits else np.array([b - 1])
                   for (a, b, _, _), (_, _, all_logits) in zip(spans, parts)]
         for a, b, slot, _ in spans:
             pool.length[slot] += b - a
-        logits = self.head(x[:, np.concatenate(picked)])[0]   # [sum of picked, V]
+        x = x[:, np.concatenate(picked)]
+        groups = _row_groups([len(r) if all_logits else 1 for r, (_, _, all_logits) in zip(picked, parts)])
+        logits = (self.head(x) if len(groups) == 1 else _grouped(self.head, x, groups))[0]   # [sum of picked, V]
         return np.split(logits, np.cumsum([len(r) for r in picked])[:-1])
 
     def _attend_slots(self, i, q, k, v, rot, pool, spans):  # q, k, v [1, N, C] -> [1, N, C]
@@ -260,7 +292,7 @@ class Model:
             return None
         return np.where(allowed, F32(0), MASKED)[:, None].astype(F32)
 
-    def block(self, i, x, attend):  # [B, T, C] -> [B, T, C]; attend(i, q, k, v) -> [B, T, C]
+    def block(self, i, x, attend, linear=linear):  # [B, T, C] -> [B, T, C]; attend(i, q, k, v) -> [B, T, C]
         c, w, p = self.config, self.w, f"blocks.{i}."
         C = c.n_embd
         h = layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], c.layer_norm_epsilon)
