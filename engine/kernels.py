@@ -57,6 +57,7 @@ def threading_layer() -> str:
 
 
 BLOCK = 256   # matvec_t: output rows per parallel task
+SMALL = 512 << 10  # matvec: matrices up to this size are split by columns (they stay in L2)
 CHUNK = 1024  # matvec: columns of eight weight rows kept in L1 (32 KB at f32) while every row of x uses them
 
 
@@ -123,15 +124,50 @@ def matvec(x, w, out):
     """out[M, N] = x[M, K] @ w[K, N] for a small M (decode), w in its stored bits.
 
     Each of the T threads streams a contiguous range of whole rows of w, eight at a time, and
-    the partial sums are added at the end. Every row of x is computed the same way whatever M
-    is (the split depends on K and T only), so a sequence's logits are bit for bit the same
-    alone or in a decode batch. (A split by columns ran 0-15% faster at one row of small
-    matrices on one thread, and lost at two: GPT-2-small's 48 block matrices, q8, 2 threads,
-    3.3 ms against 3.1; it would make a sequence's numbers depend on the batch it is in.) With
-    several rows of x the weights are read once for all of them (GPT-2-small f32, M=2: 8.2 ms
-    against 17.1 reading them once per row).
+    the partial sums are added at the end; with several rows of x the weights are read once for
+    all of them (GPT-2-small f32, M=2: 8.2 ms against 17.1 reading them once per row). A matrix
+    small enough to stay in a core's L2 is split by columns instead, each thread owning N/T
+    columns of every row: 4 us a call against 10 for the rows at the demo model's 128-wide
+    matrices, where the partial sums cost more than the matrix. The split depends on w and T
+    only, never on M, and each splits the sums the same way for every row of x: a sequence's
+    numbers are bit for bit the same alone or in a decode batch (a column split at one row and
+    a row split at several, as before, moved them).
     """
-    _matvec_rows(x, w, out, numba.get_num_threads())
+    T = numba.get_num_threads()
+    if w.nbytes <= SMALL:
+        _matvec_cols(x, w, out, T)
+    else:
+        _matvec_rows(x, w, out, T)
+
+
+@njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
+def _matvec_cols(x, w, out, threads):
+    """matvec, each thread owning a contiguous range of columns (a multiple of 16)."""
+    M, K = x.shape
+    N = w.shape[1]
+    step = ((N + threads - 1) // threads + 15) // 16 * 16
+    for t in prange(threads):
+        n0, n1 = t * step, min(N, t * step + step)
+        if n1 <= n0:
+            continue
+        for m in range(M):
+            acc = np.zeros(n1 - n0, np.float32)
+            k = 0
+            while k + 8 <= K:
+                x0, x1, x2, x3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
+                x4, x5, x6, x7 = x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
+                r0, r1, r2, r3 = w[k, n0:n1], w[k + 1, n0:n1], w[k + 2, n0:n1], w[k + 3, n0:n1]
+                r4, r5, r6, r7 = w[k + 4, n0:n1], w[k + 5, n0:n1], w[k + 6, n0:n1], w[k + 7, n0:n1]
+                for j in range(n1 - n0):
+                    acc[j] += (x0 * widen(r0[j]) + x1 * widen(r1[j]) + x2 * widen(r2[j]) + x3 * widen(r3[j])
+                               + x4 * widen(r4[j]) + x5 * widen(r5[j]) + x6 * widen(r6[j]) + x7 * widen(r7[j]))
+                k += 8
+            while k < K:
+                x0, r0 = x[m, k], w[k, n0:n1]
+                for j in range(n1 - n0):
+                    acc[j] += x0 * widen(r0[j])
+                k += 1
+            out[m, n0:n1] = acc
 
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)

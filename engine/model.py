@@ -86,6 +86,8 @@ ACTIVATIONS = {
 def _row_groups(lengths) -> list:
     """Runs of `lengths` rows -> row groups: the one-row runs together, in groups of at most
     Packed.MATVEC_ROWS (index arrays), then each longer run on its own (slices)."""
+    if len(lengths) == 1 or (len(lengths) <= Packed.MATVEC_ROWS and max(lengths) == 1):
+        return [slice(0, sum(lengths))]   # the common steps: one group, all rows in order
     starts = np.cumsum([0] + list(lengths[:-1]))
     single = np.array([s for s, n in zip(starts, lengths) if n == 1], np.int64)
     groups = [single[j:j + Packed.MATVEC_ROWS] for j in range(0, len(single), Packed.MATVEC_ROWS)]

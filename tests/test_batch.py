@@ -71,18 +71,15 @@ def test_members_joining_and_leaving_get_their_single_tokens(model, temperature)
     assert max(sizes) == 3 and min(sizes[:-1]) >= 1
 
 
-@pytest.fixture(scope="module")
-def wide(factory):
-    return gptcpu.load(factory.converted("gpt2-wide", "f32"), threads=2)
-
-
-def test_a_members_logits_do_not_depend_on_its_batch(wide):
+@pytest.mark.parametrize("shape", ["gpt2-wide", "gptj"])   # matrices split by rows; tiny ones, by columns
+def test_a_members_logits_do_not_depend_on_its_batch(shape, factory):
     """Same prompt, same chunking: a member's logits are the same alone or beside others joining
     and leaving (prompt chunks never share a GEMM, one-token rows go through the GEMV, which
-    computes each row alike). Only the LM head's sums may differ in the last bit (its 4-row
+    computes each row alike). Only the LM head's sums may differ in the last bits (its 4-row
     blocks against one row), far below what moves a token."""
+    model = gptcpu.load(factory.converted(shape, "f32"), threads=2)
     rng = np.random.default_rng(3)
-    prompts = [rng.integers(0, wide.config.n_vocab, n).tolist() for n in (1, 9, 30, 17, 5, 40)]
+    prompts = [rng.integers(0, model.config.n_vocab, n).tolist() for n in (1, 9, 30, 17, 5, 40)]
     sampling = Sampling(max_new_tokens=6, temperature=1.0, seed=11)
 
     def rows(member):   # the logits each step handed to the member
@@ -93,14 +90,14 @@ def test_a_members_logits_do_not_depend_on_its_batch(wide):
 
     expected = []
     for p in prompts:
-        batch = Batch(wide, max_batch=4, prefill_chunk=16)
-        m = batch.add(Member(wide, p, sampling))
+        batch = Batch(model, max_batch=4, prefill_chunk=16)
+        m = batch.add(Member(model, p, sampling))
         seen = rows(m)
         while batch:
             batch.step()
         expected.append((m.output, seen))
-    batch = Batch(wide, max_batch=4, prefill_chunk=16)
-    waiting = [Member(wide, p, sampling) for p in prompts]
+    batch = Batch(model, max_batch=4, prefill_chunk=16)
+    waiting = [Member(model, p, sampling) for p in prompts]
     members, seen = list(waiting), [rows(m) for m in waiting]
     step = 0
     while waiting or batch:

@@ -38,7 +38,7 @@ def test_matvec_kernels_match_numpy(M, K, N, dtype):
     out = np.empty((M, N), np.float32)
     kernels.matvec(x, bits, out)
     assert np.abs(out - want).max() / scale < 1e-5
-    for split in (kernels._matvec_rows,):  # any thread count
+    for split in (kernels._matvec_rows, kernels._matvec_cols):  # both ways, any thread count
         for threads in (1, 2, 3):
             out[...] = np.nan
             split(x, bits, out, threads)
