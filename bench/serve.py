@@ -103,13 +103,15 @@ def free_port() -> int:
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Until the server at url answers /health with 200; stop it and fail if it exits or times out."""
+    """Until the server at url answers /health with 200 (a starting Ray Serve replica answers
+    500 first); stop it and fail if it exits (with the end of its output, when piped) or times out."""
     import httpx
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode}")
+            out = proc.stdout.read()[-3000:] if proc.stdout else ""
+            raise RuntimeError(f"the server exited with status {proc.returncode}" + (f": {out}" if out else ""))
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return

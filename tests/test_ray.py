@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_serve import free_port, wait_healthy
+from gptcpu.bench.serve import free_port, wait_healthy
 
 # `ray start` clusters authenticate with a token: one for this test session, shared by the
 # nodes, the gptcpu processes and this one (ray.init in the fault tests). Ray reads it when

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,32 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gptcpu.bench.serve import free_port, wait_healthy
+
 openai = pytest.importorskip("openai", reason="the openai client (test extra) is not installed")
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 
 KEY = "sk-gptcpu-test"
 NAME = "demo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    """Until url/health answers 200 (a starting Ray Serve replica answers 500 first)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the server did not come up in {timeout:.0f} s")
 
 
 class Server:
