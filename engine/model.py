@@ -232,8 +232,17 @@ class Model:
         # GEMM with nothing and a sequence's numbers are the same alone or in any batch.
         groups = _row_groups([b - a for a, b, _, _ in spans])
         lin = linear if len(groups) == 1 else (lambda x, w, b=None: _grouped(lambda r: linear(r, w, b), x, groups))
+        # what attention needs, the same for every layer: the one-token rows (their rows, slots
+        # and lengths after this token) and each prompt chunk with its causal mask
+        dec = [(a, slot, t0 + 1) for a, b, slot, t0 in spans if b - a == 1]
+        decoding = None
+        if dec:
+            rows, slots, ends = (np.array(col, np.int64) for col in zip(*dec))
+            decoding = (rows if len(dec) < len(ids) else slice(None), slots, ends)
+        chunks = [(a, b, slot, t0, self._attention_bias(np.ones((1, t0 + b - a), bool), t0, b - a))
+                  for a, b, slot, t0 in spans if b - a > 1]
         for i in range(c.n_layer):
-            x = self.block(i, x, lambda i, q, k, v: self._attend_slots(i, q, k, v, rot, pool, spans), lin)
+            x = self.block(i, x, lambda i, q, k, v: self._attend_slots(i, q, k, v, rot, pool, decoding, chunks), lin)
         picked = [np.arange(a, b) if all_logits else np.array([b - 1])
                   for (a, b, _, _), (_, _, all_logits) in zip(spans, parts)]
         for a, b, slot, _ in spans:
@@ -243,7 +252,7 @@ class Model:
         logits = (self.head(x) if len(groups) == 1 else _grouped(self.head, x, groups))[0]   # [sum of picked, V]
         return np.split(logits, np.cumsum([len(r) for r in picked])[:-1])
 
-    def _attend_slots(self, i, q, k, v, rot, pool, spans):  # q, k, v [1, N, C] -> [1, N, C]
+    def _attend_slots(self, i, q, k, v, rot, pool, decoding, chunks):  # q, k, v [1, N, C] -> [1, N, C]
         c = self.config
         N, H, D = q.shape[1], c.n_head, c.head_dim
         q, k, v = (t.reshape(N, H, D) for t in (q, k, v))
@@ -255,24 +264,19 @@ class Model:
         if c.scale_attn_by_inverse_layer_idx:
             scale /= i + 1
         out = np.empty((N, H, D), F32)
-        dec = [(a, slot, t0) for a, b, slot, t0 in spans if b - a == 1]
-        if dec:  # one token each: one compiled call writes their keys and values and attends
-            rows = np.array([a for a, _, _ in dec]) if len(dec) < N else slice(None)
-            slots = np.array([s for _, s, _ in dec], np.int64)
-            ends = np.array([t0 + 1 for _, _, t0 in dec], np.int64)
-            o = np.empty((len(dec), H, D), F32)
+        if decoding:  # one token each: one compiled call writes their keys and values and attends
+            rows, slots, ends = decoding
+            o = np.empty((len(slots), H, D), F32)
             kernels.attend_decode(np.ascontiguousarray(q[rows]), np.ascontiguousarray(k[rows]),
                                   np.ascontiguousarray(v[rows]), K, V, slots, ends, F32(scale), o)
             out[rows] = o
         out = out.reshape(N, H * D)
-        for a, b, slot, t0 in spans:
-            if b - a > 1:  # a prompt chunk, causal over its own slot
-                K[slot, :, t0:t0 + b - a] = k[a:b].transpose(1, 0, 2)
-                V[slot, :, t0:t0 + b - a] = v[a:b].transpose(1, 0, 2)
-                T, S = b - a, t0 + b - a
-                bias = self._attention_bias(np.ones((1, S), bool), t0, T)
-                qa = q[a:b].transpose(1, 0, 2)[None]            # [1, H, T, D]
-                out[a:b] = attention(qa, K[slot:slot + 1, :, :S], V[slot:slot + 1, :, :S], bias, scale)[0]
+        for a, b, slot, t0, bias in chunks:  # a prompt chunk, causal over its own slot
+            K[slot, :, t0:t0 + b - a] = k[a:b].transpose(1, 0, 2)
+            V[slot, :, t0:t0 + b - a] = v[a:b].transpose(1, 0, 2)
+            S = t0 + b - a
+            qa = q[a:b].transpose(1, 0, 2)[None]                # [1, H, T, D]
+            out[a:b] = attention(qa, K[slot:slot + 1, :, :S], V[slot:slot + 1, :, :S], bias, scale)[0]
         return out[None]
 
     def _rotation(self, pos):  # position ids [B, T] -> cos, sin [B, T, 1, R/2], or None (GPT-2)
