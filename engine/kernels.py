@@ -120,6 +120,40 @@ def _widen(v):
     return None
 
 
+@intrinsic
+def _prefetch(typingctx, a, i, j):
+    """Ask for the cache line holding a[i, j] (into L1; a hint: it never faults, whatever i, j)."""
+    sig = types.void(a, i, j)
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+        from numba.core import cgutils
+
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, args[1:], wraparound=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])   # read, keep in L1, data
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def prefetch_line(w):
+    """Weights per cache line where the one-row GEMV prefetches w ahead (1- and 2-byte
+    weights), else 0; a compile-time constant, so the loop over a line vectorizes."""
+
+
+@overload(prefetch_line, inline="always")
+def _prefetch_line(w):
+    if w.dtype == types.int8:
+        return lambda w: 64
+    if w.dtype in (types.uint16, types.int16):
+        return lambda w: 32
+    return lambda w: 0
+
+
 def matvec(x, w, out):
     """out[M, N] = x[M, K] @ w[K, N] for a small M (decode), w in its stored bits.
 
@@ -132,6 +166,14 @@ def matvec(x, w, out):
     only, never on M, and each splits the sums the same way for every row of x: a sequence's
     numbers are bit for bit the same alone or in a decode batch (a column split at one row and
     a row split at several, as before, moved them).
+
+    At one row of x, int8 and 16-bit weights are read a cache line per row at a time, each line
+    with a software prefetch of the line it will need one chunk later. Their widening costs
+    enough instructions per byte that the core's out-of-order window covered under 2 KB of
+    weights ahead, and the hardware prefetchers stop at every 4 KB page: streaming from memory
+    the 49 matrices of GPT-2-small went at 24-27 GB/s at q8, where np.max reads ~50 (q8 with
+    prefetches: 36-44 GB/s; bf16 36 -> 40; GPT-J-width q8 35 -> 41; f32, whose loads alone keep
+    the window full, lost ~12% to them and goes without). Prefetching changes no sum.
     """
     T = numba.get_num_threads()
     if w.nbytes <= SMALL:
@@ -179,14 +221,34 @@ def _matvec_rows(x, w, out, threads):
     T = min(threads, max(1, K // 16))
     part = np.zeros((T, M, N), np.float32)
     step = (K + T - 1) // T
+    line = prefetch_line(w)
+    ahead = line > 0 and M == 1
     for t in prange(T):
         k, k1 = t * step, min(K, t * step + step)
         acc = part[t]
         while k + 8 <= k1:
             for c0 in range(0, N, CHUNK):
                 c1 = min(N, c0 + CHUNK)
+                # what comes next: these rows' next chunk, or the next eight rows' first
+                kp, cp = (k, c0 + CHUNK) if c0 + CHUNK < N else (min(k + 8, K - 8), 0)
                 r0, r1, r2, r3 = w[k, c0:c1], w[k + 1, c0:c1], w[k + 2, c0:c1], w[k + 3, c0:c1]
                 r4, r5, r6, r7 = w[k + 4, c0:c1], w[k + 5, c0:c1], w[k + 6, c0:c1], w[k + 7, c0:c1]
+                if ahead:  # the same sums, a line of each row at a time, each with its prefetch
+                    x0, x1, x2, x3 = x[0, k], x[0, k + 1], x[0, k + 2], x[0, k + 3]
+                    x4, x5, x6, x7 = x[0, k + 4], x[0, k + 5], x[0, k + 6], x[0, k + 7]
+                    a = acc[0, c0:c1]
+                    jb = 0
+                    while jb + line <= c1 - c0:
+                        for i in range(8):
+                            _prefetch(w, kp + i, cp + jb)
+                        for j in range(jb, jb + line):
+                            a[j] += (x0 * widen(r0[j]) + x1 * widen(r1[j]) + x2 * widen(r2[j]) + x3 * widen(r3[j])
+                                     + x4 * widen(r4[j]) + x5 * widen(r5[j]) + x6 * widen(r6[j]) + x7 * widen(r7[j]))
+                        jb += line
+                    for j in range(jb, c1 - c0):
+                        a[j] += (x0 * widen(r0[j]) + x1 * widen(r1[j]) + x2 * widen(r2[j]) + x3 * widen(r3[j])
+                                 + x4 * widen(r4[j]) + x5 * widen(r5[j]) + x6 * widen(r6[j]) + x7 * widen(r7[j]))
+                    continue   # (not the loop below from column jb: that stopped LLVM vectorizing it, 14x slower at 8 rows)
                 for m in range(M):
                     x0, x1, x2, x3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
                     x4, x5, x6, x7 = x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
@@ -214,15 +276,25 @@ def matvec_t(x, w, out):
     Dot products along K, four weight rows against four rows of x at a time (16 sums, which
     LLVM keeps in vector registers: 8 loads per 16 FMAs), then four weight rows against one
     row of x for the rest. GPT-2-small's head, f32, 2 threads, M=8: 5.0 ms against 18.2 for
-    one weight row at a time and 10.4 for OpenBLAS's sgemm; M=1 3.0 ms (memory-bound).
+    one weight row at a time and 10.4 for OpenBLAS's sgemm; M=1 3.0 ms (memory-bound). At
+    int8, the next four rows are prefetched while these are summed (see matvec): GPT-2-small's
+    head from memory at M=1, 1.28 -> 0.88 ms (bf16's was no faster for it).
     """
     M, K = x.shape
     N = w.shape[0]
     nblk = (N + BLOCK - 1) // BLOCK
+    burst = prefetch_line(w) == 64   # int8: ask for the next four rows while these are summed
     for b in prange(nblk):
         n, n1 = b * BLOCK, min(N, b * BLOCK + BLOCK)
         while n + 4 <= n1:
             r0, r1, r2, r3 = w[n], w[n + 1], w[n + 2], w[n + 3]
+            if burst:
+                n4 = min(n + 4, N - 4)
+                for k in range(0, K, 64):
+                    _prefetch(w, n4, k)
+                    _prefetch(w, n4 + 1, k)
+                    _prefetch(w, n4 + 2, k)
+                    _prefetch(w, n4 + 3, k)
             m = 0
             while m + 4 <= M:
                 a0, a1, a2, a3 = x[m], x[m + 1], x[m + 2], x[m + 3]

@@ -71,13 +71,14 @@ def test_members_joining_and_leaving_get_their_single_tokens(model, temperature)
     assert max(sizes) == 3 and min(sizes[:-1]) >= 1
 
 
-@pytest.mark.parametrize("shape", ["gpt2-wide", "gptj"])   # matrices split by rows; tiny ones, by columns
-def test_a_members_logits_do_not_depend_on_its_batch(shape, factory):
+# matrices split by rows (at one row of x, low-precision ones stream with prefetches); tiny ones, by columns
+@pytest.mark.parametrize("shape,dtype", [("gpt2-wide", "f32"), ("gpt2-wide", "q8"), ("gpt2-wide", "bf16"), ("gptj", "f32")])
+def test_a_members_logits_do_not_depend_on_its_batch(shape, dtype, factory):
     """Same prompt, same chunking: a member's logits are the same alone or beside others joining
     and leaving (prompt chunks never share a GEMM, one-token rows go through the GEMV, which
     computes each row alike). Only the LM head's sums may differ in the last bits (its 4-row
     blocks against one row), far below what moves a token."""
-    model = gptcpu.load(factory.converted(shape, "f32"), threads=2)
+    model = gptcpu.load(factory.converted(shape, dtype), threads=2)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, model.config.n_vocab, n).tolist() for n in (1, 9, 30, 17, 5, 40)]
     sampling = Sampling(max_new_tokens=6, temperature=1.0, seed=11)
