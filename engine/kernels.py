@@ -391,6 +391,29 @@ def attend_decode(q, k, v, K, V, slots, ends, scale, out):
             o[d] *= inv
 
 
+@njit(fastmath={"reassoc", "nsz", "contract"}, boundscheck=False, cache=True, nogil=True)
+def layer_norm(x, w, b, eps, out):
+    """out[R, C] = (x - mean) / sqrt(var + eps) * w + b, row by row, in float32; one thread.
+    NumPy took ~14 us a call on one row of 768 (seven small ufunc calls), 25 calls per
+    GPT-2-small token. Each row's numbers are the same whatever the other rows (fixed
+    summation order per length), so decode and prefill rows may share a call."""
+    R, C = x.shape
+    n = np.float32(C)
+    for r in range(R):
+        row, o = x[r], out[r]
+        s = np.float32(0)
+        for j in range(C):
+            s += row[j]
+        mu = s / n
+        v = np.float32(0)
+        for j in range(C):
+            d = row[j] - mu
+            v += d * d
+        inv = np.float32(1) / np.sqrt(v / n + eps)
+        for j in range(C):
+            o[j] = (row[j] - mu) * inv * w[j] + b[j]
+
+
 @njit(fastmath=True, boundscheck=False, cache=True, nogil=True)
 def widen_into(w, out):
     """out[K, N] f32 = w[K, N] widened, for prefill's sgemm. One thread on purpose: it is a small
