@@ -39,7 +39,7 @@ $(VENV)/.bench-installed: pyproject.toml $(VENV)/.test-installed
 BENCH_ENV := env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
 bench: $(VENV)/.bench-installed
 	$(BENCH_ENV) $(PY) -m gptcpu.bench.speed --shape gpt2 --threads 2 --repeats 3
-	$(BENCH_ENV) $(PY) -m gptcpu.bench.backends --models gpt2,gptj-4l --repeats 3 --matrix --plot bench/results/backends.png
+	$(BENCH_ENV) $(PY) -m gptcpu.bench.backends --models gpt2,gptj-4l --repeats 5 --matrix --plot bench/results/backends.png
 	$(BENCH_ENV) $(PY) -m gptcpu.bench.eval_demo --threads 2
 	$(PY) -m gptcpu.bench.convert_memory --layers 4 --dtype f16 | tee bench/results/convert-memory.json
 	$(MAKE) compare

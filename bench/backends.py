@@ -6,7 +6,9 @@ Every measurement runs in its own process (bench/run_one.py: the BLAS and the th
 are chosen once per process), one at a time, the configurations interleaved across repeats
 (these machines are noisy); medians with min-max. The roofline of each dtype is the read
 bandwidth measured in the same run divided by the bytes that dtype reads per decode token
-(`gptcpu info`). Results go to bench/results/backends.json and .md (and a plot with --plot).
+(`gptcpu info`). "vs f32" and "of roofline" are taken within each repeat (its bandwidth
+measurement and its dtypes run back to back) and their median over repeats is shown, with
+min-max: these machines' memory speed drifts between repeats more than between neighbours. Results go to bench/results/backends.json and .md (and a plot with --plot).
 """
 
 from __future__ import annotations
@@ -61,14 +63,17 @@ def dtype_table(shape: str, models: dict, threads: int, repeats: int, prompt: in
     bandwidth = statistics.median(bw)
     rows = {}
     for dt, rs in runs.items():
-        decode, prefill = med([x["decode_tok_s"] for x in rs]), med([x["prefill_tok_s"] for x in rs])
-        roofline = bandwidth / a["decode_bytes_per_token"][dt]
-        rows[dt] = {"decode": decode, "prefill": prefill, "roofline": roofline,
-                    "decode_vs_f32": decode["median"] / statistics.median(x["decode_tok_s"] for x in runs["f32"]),
-                    "prefill_vs_f32": prefill["median"] / statistics.median(x["prefill_tok_s"] for x in runs["f32"]),
-                    "of_roofline": decode["median"] / roofline,
+        decode, prefill = [x["decode_tok_s"] for x in rs], [x["prefill_tok_s"] for x in rs]
+        nbytes = a["decode_bytes_per_token"][dt]
+        # ratios within each repeat (its dtypes ran back to back, after its bandwidth was
+        # measured), then their median: this machine's memory speed drifts between repeats
+        rows[dt] = {"decode": med(decode), "prefill": med(prefill), "roofline": bandwidth / nbytes,
+                    "decode_vs_f32": med([d / f["decode_tok_s"] for d, f in zip(decode, runs["f32"])]),
+                    "prefill_vs_f32": med([p / f["prefill_tok_s"] for p, f in zip(prefill, runs["f32"])]),
+                    "of_roofline": med([d / (b / nbytes) for d, b in zip(decode, bw)]),
+                    "runs": {"decode": decode, "prefill": prefill},
                     "same_tokens_as_f32": rs[0]["tokens"] == runs["f32"][0]["tokens"]}
-    return {"shape": shape, "threads": threads, "read_bandwidth": med(bw), "rows": rows}
+    return {"shape": shape, "threads": threads, "read_bandwidth": med(bw), "read_bandwidth_runs": bw, "rows": rows}
 
 
 def matrix(shape: str, models: dict, dtypes, prompt: int, new: int) -> list[dict]:
@@ -94,10 +99,13 @@ def render(tables: list[dict], mat: list[dict]) -> str:
                   "| weights | prefill tok/s | vs f32 | decode tok/s | vs f32 | roofline | of roofline | tokens = f32 |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for dt, r in t["rows"].items():
-            d, p = r["decode"], r["prefill"]
-            lines.append(f"| {dt} | {p['median']:.0f} ({p['min']:.0f}-{p['max']:.0f}) | {r['prefill_vs_f32']:.2f}x | "
-                         f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | {r['decode_vs_f32']:.2f}x | "
-                         f"{r['roofline']:.1f} | {100 * r['of_roofline']:.0f}% | {'yes' if r['same_tokens_as_f32'] else 'no'} |")
+            d, p, dv, pv, of = r["decode"], r["prefill"], r["decode_vs_f32"], r["prefill_vs_f32"], r["of_roofline"]
+            lines.append(f"| {dt} | {p['median']:.0f} ({p['min']:.0f}-{p['max']:.0f}) | "
+                         f"{pv['median']:.2f}x ({pv['min']:.2f}-{pv['max']:.2f}) | "
+                         f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
+                         f"{dv['median']:.2f}x ({dv['min']:.2f}-{dv['max']:.2f}) | {r['roofline']:.1f} | "
+                         f"{100 * of['median']:.0f}% ({100 * of['min']:.0f}-{100 * of['max']:.0f}) | "
+                         f"{'yes' if r['same_tokens_as_f32'] else 'no'} |")
         lines.append("")
     if mat:
         lines += ["| model | weights | backend | threading | threads | prefill tok/s | decode tok/s |",
