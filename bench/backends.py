@@ -8,7 +8,8 @@ are chosen once per process), one at a time, the configurations interleaved acro
 bandwidth measured in the same run divided by the bytes that dtype reads per decode token
 (`gptcpu info`). "vs f32" and "of roofline" are taken within each repeat (its bandwidth
 measurement and its dtypes run back to back) and their median over repeats is shown, with
-min-max: these machines' memory speed drifts between repeats more than between neighbours. Results go to bench/results/backends.json and .md (and a plot with --plot).
+min-max: these machines' memory speed drifts between repeats more than between neighbours.
+Results go to bench/results/backends.json and .md (and a plot with --plot).
 """
 
 from __future__ import annotations

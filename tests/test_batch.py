@@ -72,7 +72,8 @@ def test_members_joining_and_leaving_get_their_single_tokens(model, temperature)
 
 
 # matrices split by rows (at one row of x, low-precision ones stream with prefetches); tiny ones, by columns
-@pytest.mark.parametrize("shape,dtype", [("gpt2-wide", "f32"), ("gpt2-wide", "q8"), ("gpt2-wide", "bf16"), ("gptj", "f32")])
+@pytest.mark.parametrize("shape,dtype", [("gpt2-wide", "f32"), ("gpt2-wide", "q8"), ("gpt2-wide", "bf16"),
+                                         ("gptj", "f32")])
 def test_a_members_logits_do_not_depend_on_its_batch(shape, dtype, factory):
     """Same prompt, same chunking: a member's logits are the same alone or beside others joining
     and leaving (prompt chunks never share a GEMM, one-token rows go through the GEMV, which
