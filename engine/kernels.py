@@ -229,11 +229,11 @@ def _matvec_rows(x, w, out, threads):
         while k + 8 <= k1:
             for c0 in range(0, N, CHUNK):
                 c1 = min(N, c0 + CHUNK)
-                # what comes next: these rows' next chunk, or the next eight rows' first
-                kp, cp = (k, c0 + CHUNK) if c0 + CHUNK < N else (min(k + 8, K - 8), 0)
                 r0, r1, r2, r3 = w[k, c0:c1], w[k + 1, c0:c1], w[k + 2, c0:c1], w[k + 3, c0:c1]
                 r4, r5, r6, r7 = w[k + 4, c0:c1], w[k + 5, c0:c1], w[k + 6, c0:c1], w[k + 7, c0:c1]
                 if ahead:  # the same sums, a line of each row at a time, each with its prefetch
+                    # of what comes next: these rows' next chunk, or the next eight rows' first
+                    kp, cp = (k, c0 + CHUNK) if c0 + CHUNK < N else (min(k + 8, K - 8), 0)
                     x0, x1, x2, x3 = x[0, k], x[0, k + 1], x[0, k + 2], x[0, k + 3]
                     x4, x5, x6, x7 = x[0, k + 4], x[0, k + 5], x[0, k + 6], x[0, k + 7]
                     p0, p1, p2, p3 = w[kp, cp:], w[kp + 1, cp:], w[kp + 2, cp:], w[kp + 3, cp:]

@@ -66,9 +66,7 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.
         e -= e.max()
         return draw(np.exp(e, out=e), rng.random(dtype=F32))
     ids, p = candidates(logits, temperature, top_k, top_p)
-    cdf = np.cumsum(p)
-    j = int(np.searchsorted(cdf, rng.random(dtype=F32) * cdf[-1], side="right"))
-    return int(ids[min(j, len(ids) - 1)])
+    return int(ids[draw(p, rng.random(dtype=F32))])
 
 
 def draw(weights: np.ndarray, u, block: int = 1024) -> int:
