@@ -116,7 +116,9 @@ class Packed:
     @classmethod
     def _scratch(cls, n: int) -> np.ndarray:
         if cls._buffer is None or cls._buffer.size < n:
-            cls._buffer = np.empty(n, np.float32)
+            raw = np.empty(n + 16, np.float32)   # from a 64-byte boundary (widen_into streams whole lines)
+            start = (-raw.ctypes.data % 64) // 4
+            cls._buffer = raw[start:start + n]
         return cls._buffer
 
     def rows(self, idx) -> np.ndarray:

@@ -73,6 +73,29 @@ def test_attend_decode_matches_numpy_softmax_attention(H, D):
     np.testing.assert_array_equal(V, V0)
 
 
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16", "q8"])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 47, 1000])
+@pytest.mark.parametrize("offset", [0, 1, 5, 15])
+def test_widen_into_streams_any_alignment_and_length(dtype, n, offset):
+    """Prefill's widening writes whole 64-byte lines past the caches: the values before the first
+    line boundary of out, the lines, and the tail must all land, and nothing outside out."""
+    rng = np.random.default_rng(n * 16 + offset)
+    bits, exact = stored(rng.standard_normal((3, n), dtype=np.float32), dtype)
+    raw = np.full(3 * n + 64, -7.0, np.float32)
+    start = (-raw.ctypes.data % 64) // 4 + offset     # out begins `offset` floats past a line boundary
+    out = raw[start:start + 3 * n].reshape(3, n)
+    kernels.widen_into(np.ascontiguousarray(bits), out)
+    np.testing.assert_array_equal(out, exact)
+    assert (raw[:start] == -7).all() and (raw[start + 3 * n:] == -7).all()
+
+
+def test_widen_into_refuses_a_mismatched_out():
+    with pytest.raises(ValueError):
+        kernels.widen_into(np.zeros((2, 3), np.uint16), np.empty((3, 2), np.float32))
+    with pytest.raises(ValueError):
+        kernels.widen_into(np.zeros((2, 3), np.uint16), np.empty((2, 6), np.float32)[:, ::2])
+
+
 def test_f16_widening_is_exact_for_every_finite_half():
     bits = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.int16)
     finite = np.isfinite(bits.view(np.float16))
