@@ -480,10 +480,19 @@ def _widen_stream(typingctx, src, dst, i):
 
 @intrinsic
 def _store_fence(typingctx):
-    """A full memory fence: non-temporal stores are weakly ordered, and the BLAS's threads on
-    other cores read what they wrote next."""
+    """Order the non-temporal stores before everything after (they are weakly ordered, and the
+    BLAS's threads on other cores read what they wrote next): SFENCE on x86, a full fence elsewhere."""
     def codegen(context, builder, signature, args):
-        builder.fence("seq_cst")
+        import platform
+
+        from llvmlite import ir
+        from numba.core import cgutils
+
+        if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+            builder.call(fn, [])
+        else:
+            builder.fence("seq_cst")
         return context.get_dummy_value()
 
     return types.void(), codegen
