@@ -77,24 +77,16 @@ def cmd_info(args) -> None:
     print(json.dumps(a, indent=2) if args.json else render(a))
 
 
-class Compiling:
-    """Seconds numba spent compiling (not loading from its cache) while this is entered."""
+def compiling():
+    """A context in which numba's compile time is measured (compiles only: cache loads and
+    runs fire no compile event) -> its TimingListener; read it with compiled_seconds."""
+    from numba.core.event import TimingListener, install_listener
 
-    def __enter__(self):
-        from numba.core.event import TimingListener, register
+    return install_listener("numba:compile", TimingListener())
 
-        self.listener = TimingListener()
-        register("numba:compile", self.listener)
-        return self
 
-    def __exit__(self, *exc):
-        from numba.core.event import unregister
-
-        unregister("numba:compile", self.listener)
-
-    @property
-    def seconds(self) -> float:
-        return self.listener.duration if self.listener.done else 0.0
+def compiled_seconds(listener) -> float:
+    return listener.duration if listener.done else 0.0
 
 
 def cmd_generate(args) -> None:
@@ -117,14 +109,13 @@ def cmd_generate(args) -> None:
         out.write(prompt)
     t_start = time.perf_counter()
     t_first, n = None, 0
-    compiling = Compiling()   # numba compiles each kernel once per machine (then loads its cache)
-    with compiling:
+    with compiling() as compiled:   # numba compiles each kernel once per machine (then loads its cache)
         for token in model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                     top_p=args.top_p, seed=args.seed, stop=args.stop,
                                     repetition_penalty=args.repetition_penalty, truncate=args.truncate):
             n += 1
             if t_first is None:
-                t_first, c_first = time.perf_counter(), compiling.seconds
+                t_first, c_first = time.perf_counter(), compiled_seconds(compiled)
             out.write(stream.push(token))
             out.flush()
     out.write(stream.finish() + "\n")
@@ -133,12 +124,13 @@ def cmd_generate(args) -> None:
         t_end = time.perf_counter()
         first = (t_first - t_start) if t_first else 0.0
         prefill = len(ids) / (first - c_first) if t_first else 0.0
-        decode = (n - 1) / (t_end - t_first - (compiling.seconds - c_first)) if n > 1 else 0.0
+        c_all = compiled_seconds(compiled)
+        decode = (n - 1) / (t_end - t_first - (c_all - c_first)) if n > 1 else 0.0
         print(f"load {t_load * 1000:.0f} ms | prompt {len(ids)} tokens, time to first token "
               f"{first * 1000:.0f} ms ({prefill:.1f} tok/s) | {n} new tokens, decode "
               f"{decode:.1f} tok/s", file=sys.stderr)
-        if compiling.seconds:
-            print(f"  (the first run on this machine: {compiling.seconds:.1f} s went to compiling the kernels, "
+        if c_all:
+            print(f"  (the first run on this machine: {c_all:.1f} s went to compiling the kernels, "
                   f"left out of the rates above; numba caches them for the next run)", file=sys.stderr)
         from .threads import describe
         for line in describe():
