@@ -507,7 +507,7 @@ def widen_into(w, out):
     Its stores bypass the caches: the block (up to Packed.PREFILL_BYTES) is far larger than
     them, so an ordinary store would first read every line of out from memory only to overwrite
     it, and would push the GEMM's operands out on the way. GPT-J-width bf16, the 8 weight
-    matrices of 4 layers, one thread: 134 ms with ordinary stores, 97 with these; 128-token
+    matrices of 4 layers, one thread: 134 ms with ordinary stores, 97-107 with these; 128-token
     prefill 0.83-0.86 s -> 0.76-0.80 s (f32 0.65). One thread on purpose: it is a small part of
     prefill, and a parallel region here leaves numba's workers spinning against the BLAS's
     threads during the GEMM that follows (GPT-2-small bf16, 2 threads: prefill ran at 523-776
