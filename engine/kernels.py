@@ -281,31 +281,35 @@ def _matvec_rows(x, w, out, threads):
 def matvec_t(x, w, out):
     """out[M, N] = x[M, K] @ w[N, K].T for a small M: the tied LM head reads the embedding [V, C].
 
-    Dot products along K, four weight rows against four rows of x at a time (16 sums, which
-    LLVM keeps in vector registers: 8 loads per 16 FMAs), then four weight rows against one
-    row of x for the rest. GPT-2-small's head, f32, 2 threads, M=8: 5.0 ms against 18.2 for
-    one weight row at a time and 10.4 for OpenBLAS's sgemm; M=1 3.0 ms (memory-bound). At
-    int8, the next four rows are prefetched while these are summed (see matvec): GPT-2-small's
-    head from memory at M=1, 1.28 -> 0.88 ms (bf16's was no faster for it).
+    Dot products along K. Four rows of x at a time go against four weight rows at a time (16
+    sums, which LLVM keeps in vector registers: 8 loads per 16 FMAs); the rows of x left over
+    (all of them at M < 4) take one weight row at a time, a plain dot product read front to back.
+    GPT-2-small's head, f32, 2 threads, M=8: 5.0 ms against 18.2 for one weight row at a time
+    and 10.4 for OpenBLAS's sgemm. At M=1 from memory (page-cache mapped, as loaded), bf16/f16
+    1.9-2.1 -> 1.4-1.6 ms and q8 0.80-0.93 -> 0.70-0.81 against four weight rows read side by
+    side (f32 the same, ~3 ms); M=2 bf16 2.9 -> 1.7, q8 1.8 -> 1.1. With four rows of x at
+    int8, the next four weight rows are prefetched while these are summed (see matvec): M=8
+    2.6 -> 2.4 ms; the one-row dot products go faster without.
     """
     M, K = x.shape
     N = w.shape[0]
     nblk = (N + BLOCK - 1) // BLOCK
+    m4 = M - M % 4                   # rows of x taken four at a time
     burst = prefetch_line(w) == 64   # int8: ask for the next four rows while these are summed
     for b in prange(nblk):
-        n, n1 = b * BLOCK, min(N, b * BLOCK + BLOCK)
-        while n + 4 <= n1:
+        n0, n1 = b * BLOCK, min(N, b * BLOCK + BLOCK)
+        n4 = n0 + (n1 - n0) // 4 * 4 if m4 else n0   # weight rows [n0, n4) go four at a time
+        for n in range(n0, n4, 4):
             r0, r1, r2, r3 = w[n], w[n + 1], w[n + 2], w[n + 3]
             if burst:
-                n4 = min(n + 4, N - 4)
-                p0, p1, p2, p3 = w[n4], w[n4 + 1], w[n4 + 2], w[n4 + 3]
+                nb = min(n + 4, N - 4)
+                p0, p1, p2, p3 = w[nb], w[nb + 1], w[nb + 2], w[nb + 3]
                 for k in range(0, K, 64):
                     _prefetch(p0, k)
                     _prefetch(p1, k)
                     _prefetch(p2, k)
                     _prefetch(p3, k)
-            m = 0
-            while m + 4 <= M:
+            for m in range(0, m4, 4):
                 a0, a1, a2, a3 = x[m], x[m + 1], x[m + 2], x[m + 3]
                 s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0)
                 s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0)
@@ -332,27 +336,14 @@ def matvec_t(x, w, out):
                 out[m + 1, n], out[m + 1, n + 1], out[m + 1, n + 2], out[m + 1, n + 3] = s10, s11, s12, s13
                 out[m + 2, n], out[m + 2, n + 1], out[m + 2, n + 2], out[m + 2, n + 3] = s20, s21, s22, s23
                 out[m + 3, n], out[m + 3, n + 1], out[m + 3, n + 2], out[m + 3, n + 3] = s30, s31, s32, s33
-                m += 4
-            while m < M:
-                a0 = x[m]
-                s0 = s1 = s2 = s3 = np.float32(0)
-                for k in range(K):
-                    v = a0[k]
-                    s0 += v * widen(r0[k])
-                    s1 += v * widen(r1[k])
-                    s2 += v * widen(r2[k])
-                    s3 += v * widen(r3[k])
-                out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = s0, s1, s2, s3
-                m += 1
-            n += 4
-        while n < n1:
+        for n in range(n0, n1):      # what is left: one weight row at a time
             row = w[n]
-            for m in range(M):
+            for m in range(m4 if n < n4 else 0, M):
+                a = x[m]
                 s = np.float32(0)
                 for k in range(K):
-                    s += x[m, k] * widen(row[k])
+                    s += a[k] * widen(row[k])
                 out[m, n] = s
-            n += 1
 
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
