@@ -29,8 +29,8 @@ SHAPES = {"gpt2": ("gpt2", {}), "gpt2-medium": ("gpt2-medium", {}), "gptj-4l": (
 
 def read_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes/s of the fastest plain read of 1 GiB of float32 in the kind of memory the weights
-    live in (a file's pages mapped from the page cache; anonymous memory gets huge pages and
-    reads up to ~40% faster here, which no mmap'd model can): the best of np.max split across
+    live in (a file written, evicted and mapped as convert and load do: the page cache's huge
+    pages where the kernel has them, engine.weights.map_file): the best of np.max split across
     `threads` threads, the BLAS's GEMV and gptcpu's own decode kernel over a [262144, 1024]
     matrix, best of repeats. (np.sum's pairwise summation is slower than memory on one core; it
     would understate the roofline. So do np.max and the GEMV on their own: the kernel streams
@@ -39,10 +39,12 @@ def read_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> flo
     import tempfile
 
     from gptcpu.engine import kernels
+    from gptcpu.engine.weights import evict, map_file
 
     with tempfile.NamedTemporaryFile(dir=os.environ.get("GPTCPU_BENCH_TMP", "/tmp")) as f:
-        np.ones(nbytes // 4, np.float32).tofile(f.name)
-        a = np.memmap(f.name, np.float32, "r")
+        np.ones(nbytes // 4, np.float32).tofile(f)
+        evict(f)
+        a = np.frombuffer(map_file(f.name), np.float32)
         parts = np.array_split(a, threads)
         matrix, x = a.reshape(-1, 1024), np.ones(1024, np.float32)
         xk, out = np.ones((1, matrix.shape[0]), np.float32), np.empty((1, 1024), np.float32)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcpu.engine.weights import ST_DTYPES, f32_to_bf16
+from gptcpu.engine.weights import ST_DTYPES, evict, f32_to_bf16
 
 # our dtype names -> (safetensors dtype, NumPy dtype of the stored bytes)
 DTYPES = {"f32": ("F32", np.float32), "f16": ("F16", np.float16), "bf16": ("BF16", np.uint16),
@@ -63,9 +63,12 @@ class SafetensorsWriter:
         return written
 
     def close(self) -> None:
-        self._f.close()
-        if self._next != len(self.order):
-            raise ValueError(f"{len(self.order) - self._next} tensors were never written")
+        try:
+            if self._next != len(self.order):
+                raise ValueError(f"{len(self.order) - self._next} tensors were never written")
+            evict(self._f)   # on disk before the folder is renamed into place; loads map huge pages
+        finally:
+            self._f.close()
 
     def abort(self) -> None:
         self._f.close()

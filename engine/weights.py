@@ -8,6 +8,8 @@ returns views into one mmap (no copy, pages read only when touched) and handles 
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -53,10 +55,41 @@ def _view(buf, info: dict, start: int, name: str) -> np.ndarray:
     return np.frombuffer(buf, dtype, count, start + begin).reshape(info["shape"])
 
 
+def map_file(path: str | Path) -> mmap.mmap:
+    """A read-only mmap of the whole file that asks for transparent huge pages.
+
+    Where the kernel's page cache supports large folios (Linux 6.x on ext4, xfs, btrfs), the
+    pages it reads from disk for this mapping come in 2 MB folios, mapped 2 MB at a time.
+    Decode streams every weight once per token, and on 4 KB pages the hardware prefetchers stop
+    at every page: GPT-2-small, 2 threads, alternating processes on the same files, decode f32
+    69.4-70.6 -> 71.9-73.1 tok/s, bf16 120.7-128.6 -> 130.6-133.2, q8 214.9-223.7 -> 226.6-229.8.
+    Still zero copy. Pages already cached in small folios stay so: see `evict`.
+    """
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:   # a kernel without transparent huge pages: 4 KB pages
+            pass
+    return mm
+
+
+def evict(f) -> None:
+    """Put a file just written (an open file object) on disk and out of the page cache.
+
+    The pages a write leaves cached are small folios, which `map_file` would then map 4 KB at a
+    time until the cache drops them; read back from disk, they come in huge pages."""
+    f.flush()
+    os.fsync(f.fileno())
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def mmap_tensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a read-only view into one shared mmap."""
+    """Every tensor of a safetensors file as a read-only view into one shared mmap (`map_file`)."""
     header, start = read_header(path)
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    mm = map_file(path)
     return {name: _view(mm, info, start, name) for name, info in header.items()}
 
 
