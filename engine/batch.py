@@ -175,7 +175,7 @@ class Batch:
             raise GptcpuError(f"max_batch must be at least 1, got {max_batch}")
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         self.capacity = min(capacity or model.config.n_ctx, model.config.n_ctx)   # tokens per member
-        self.cache = SlotCache(model.config, max_batch, self.capacity)
+        self.cache = SlotCache(model.config, max_batch, self.capacity, model.kv_cache)
         self.members: list[Member] = []
 
     def __len__(self) -> int:

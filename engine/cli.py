@@ -95,7 +95,7 @@ def cmd_generate(args) -> None:
 
     t0 = time.perf_counter()
     model = load(args.model or default_model(), threads=args.threads, backend=args.backend,
-                 threading=args.threading)
+                 threading=args.threading, kv_cache=args.kv_cache)
     if model.tokenizer is None:
         raise GptcpuError(f"{model.path} has no tokenizer.json")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -132,6 +132,7 @@ def cmd_generate(args) -> None:
         if c_all:
             print(f"  (the first run on this machine: {c_all:.1f} s went to compiling the kernels, "
                   f"left out of the rates above; numba caches them for the next run)", file=sys.stderr)
+        print(f"  weights {model.config.dtype}, KV cache {model.kv_cache}", file=sys.stderr)
         from .threads import describe
         for line in describe():
             print(f"  {line}", file=sys.stderr)
@@ -164,6 +165,9 @@ def cmd_serve(args) -> None:
         raise GptcpuError("--max-batch, --max-queue and --prefill-chunk must be at least 1")
     api_key = args.api_key or os.environ.get("GPTCPU_API_KEY") or None
     if args.ray:
+        if args.kv_cache:
+            raise GptcpuError("--kv-cache is for the local server; Ray replicas use the default (f32 for f32 "
+                              "weights, else f16)")
         _need_ray()
         from gptcpu.serve.ray_serve import run
         run(str(Path(args.model or default_model()).resolve()), address=args.address, host=args.host, port=args.port,
@@ -172,7 +176,7 @@ def cmd_serve(args) -> None:
             prefill_chunk=args.prefill_chunk, api_key=api_key)
         return
     model = load(args.model or default_model(), threads=args.threads, backend=args.backend,
-                 threading=args.threading)
+                 threading=args.threading, kv_cache=args.kv_cache)
     serve(model, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
           log_level=args.log_level, name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
           prefill_chunk=args.prefill_chunk, api_key=api_key)
@@ -233,6 +237,11 @@ def add_pool_flags(p) -> None:
                    help="threading layer of MKL and the kernels (default: $GPTCPU_THREADING or numba's choice)")
 
 
+def add_kv_flag(p) -> None:
+    p.add_argument("--kv-cache", choices=["f32", "f16"],
+                   help="KV cache storage (default: f32 for f32 weights, f16 for bf16, f16 and q8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gptcpu", description="Run GPT-J and GPT-2 checkpoints on CPUs.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -263,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt text ('-' reads stdin)")
     g.add_argument("--model", help="gptcpu model folder (default: the last converted, or $GPTCPU_MODEL)")
     add_pool_flags(g)
+    add_kv_flag(g)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=40, help="0 = off")
@@ -281,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     add_pool_flags(s)
+    add_kv_flag(s)
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     s.add_argument("--max-queue", type=int, default=64,
                    help="sequences waiting for a place in the batch before requests get 429 (default 64)")

@@ -61,14 +61,20 @@ SMALL = 512 << 10  # matvec: matrices up to this size are split by columns (they
 CHUNK = 1024  # matvec: columns of eight weight rows kept in L1 (32 KB at f32) while every row of x uses them
 
 
-@intrinsic
-def _bits_to_f32(typingctx, u):
-    sig = types.float32(types.uint32)
+def _bitcast(to, frm):
+    """An intrinsic reinterpreting a `frm` scalar's bits as a `to` of the same size."""
+    @intrinsic
+    def cast(typingctx, v):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(to))
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
+        return to(frm), codegen
 
-    return sig, codegen
+    return cast
+
+
+_bits_to_f32 = _bitcast(types.float32, types.uint32)
+_f32_bits = _bitcast(types.uint32, types.float32)
 
 
 def widen(v):
@@ -117,6 +123,55 @@ def _widen(v):
             bits = ((u & np.uint32(0x7FFF)) << np.uint32(13)) | ((u & np.uint32(0x8000)) << np.uint32(16))
             return _bits_to_f32(bits) * np.float32(5.192296858534828e33)
         return f16
+    return None
+
+
+F16_MAX = 65504.0   # the largest finite half: a key or value beyond it is stored as this
+
+
+@intrinsic
+def _f32_to_half_bits(typingctx, v):
+    """float32 -> IEEE half bits (int16), rounded to nearest even by LLVM's own half type: one
+    vcvtps2ph where the CPU has F16C."""
+    sig = types.int16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+def store(a, i, v):
+    """a[i] = v, a float32 narrowed to a's storage type (resolved at compile time): float32 as
+    is; int16 holds f16 bits (the f16 KV cache), rounded to nearest even and clamped to
+    +-65504 (an overflow stored as infinity would turn every later softmax into NaN)."""
+
+
+@overload(store, inline="always")
+def _store(a, i, v):
+    if a.dtype == types.float32:
+        def f32(a, i, v):
+            a[i] = v
+        return f32
+    if a.dtype == types.int16 and _F16C:
+        def f16(a, i, v):
+            a[i] = _f32_to_half_bits(min(max(v, np.float32(-F16_MAX)), np.float32(F16_MAX)))
+        return f16
+    if a.dtype == types.int16:
+        def f16_portable(a, i, v):
+            u = _f32_bits(min(max(v, np.float32(-F16_MAX)), np.float32(F16_MAX)))
+            sign = (u >> np.uint32(16)) & np.uint32(0x8000)
+            m = u & np.uint32(0x7FFFFFFF)
+            if m > np.uint32(0x7F800000):      # NaN stays NaN
+                h = sign | np.uint32(0x7E00)
+            elif m < np.uint32(0x38800000):    # below 2^-14: a subnormal half, in units of 2^-24
+                h = sign | np.uint32(np.rint(_bits_to_f32(m) * np.float32(16777216.0)))
+            else:                              # rebias the exponent, round 23 -> 10 bits to even
+                m += np.uint32(0xFFF) + ((m >> np.uint32(13)) & np.uint32(1))
+                h = sign | ((m - np.uint32(0x38000000)) >> np.uint32(13))
+            a[i] = np.int16(np.uint16(h))
+        return f16_portable
     return None
 
 
@@ -352,32 +407,37 @@ def attend_decode(q, k, v, K, V, slots, ends, scale, out):
     continuous batch, every (sequence, head) a parallel task.
 
     q, k, v [n, H, D]: the new tokens' query, key and value; K, V [slots, H, capacity, D]: the
-    cache, where row r's key and value are written at position ends[r] - 1 of slot slots[r]
-    before it attends over positions 0:ends[r]; out [n, H, D]. Where NumPy would make 2 x n x H
-    small GEMM calls over a zero-padded, masked batch, this reads each cached key and value
-    once (GPT-2-small, 8 sequences of ~150 tokens, 2 threads: see engine.model._attend_slots).
-    Keys and values are prefetched 8 positions ahead (the dot products and the horizontal sum
-    per position keep the window short, as in matvec): GPT-2-small q8 decode spent 0.47 ms a
-    token here, against 0.55 without.
+    cache (float32, or int16 holding f16 bits), where row r's key and value are written at
+    position ends[r] - 1 of slot slots[r] before it attends over positions 0:ends[r]; out
+    [n, H, D]. Where NumPy would make 2 x n x H small GEMM calls over a zero-padded, masked
+    batch, this reads each cached key and value once (GPT-2-small, 8 sequences of ~150 tokens,
+    2 threads: see engine.model._attend_slots). Keys and values are prefetched 8 positions
+    ahead (the dot products and the horizontal sum per position keep the window short, as in
+    matvec): GPT-2-small q8 decode spent 0.47 ms a token here, against 0.55 without.
     """
     n, H, D = q.shape
+    step = prefetch_line(K)   # elements per cache line: 32 at f16, else 16
+    if step == 0:
+        step = 16
     for task in prange(n * H):
         r, h = task // H, task % H
         s, L = slots[r], ends[r]
         Ks, Vs = K[s, h], V[s, h]
-        Ks[L - 1] = k[r, h]
-        Vs[L - 1] = v[r, h]
+        kl, vl = Ks[L - 1], Vs[L - 1]
+        for d in range(D):
+            store(kl, d, k[r, h, d])
+            store(vl, d, v[r, h, d])
         qv = q[r, h]
         Kf, Vf = Ks.reshape(-1), Vs.reshape(-1)   # to prefetch 8 positions ahead, as matvec does
         p = np.empty(L, np.float32)
         top = np.float32(-np.inf)
         for t in range(L):
-            for d in range(0, D, 16):
+            for d in range(0, D, step):
                 _prefetch(Kf, (t + 8) * D + d)
             kt = Ks[t]
             acc = np.float32(0)
             for d in range(D):
-                acc += qv[d] * kt[d]
+                acc += qv[d] * widen(kt[d])
             acc *= scale
             p[t] = acc
             top = max(top, acc)
@@ -389,14 +449,40 @@ def attend_decode(q, k, v, K, V, slots, ends, scale, out):
         o = out[r, h]
         o[:] = 0
         for t in range(L):
-            for d in range(0, D, 16):
+            for d in range(0, D, step):
                 _prefetch(Vf, (t + 8) * D + d)
             pt, vt = p[t], Vs[t]
             for d in range(D):
-                o[d] += pt * vt[d]
+                o[d] += pt * widen(vt[d])
         inv = np.float32(1) / total
         for d in range(D):
             o[d] *= inv
+
+
+@njit(fastmath=True, boundscheck=False, cache=True, nogil=True)
+def store_kv(dst, t0, src):
+    """dst[h, t0 + t, :] = src[t, h, :]: a prompt chunk's keys or values into one slot of the
+    cache, dst [H, capacity, D] float32 or int16 (f16 bits: see `store`), src [T, H, D] float32,
+    both C-contiguous (so that the rows vectorize); one thread."""
+    T, H, D = src.shape
+    for h in range(H):
+        for t in range(T):
+            row, x = dst[h, t0 + t], src[t, h]
+            for d in range(D):
+                store(row, d, x[d])
+
+
+@njit(boundscheck=False, cache=True, nogil=True)
+def load_kv(src, S, out):
+    """out[h, t, :] = src[h, t, :] as float32 for t < S: src [H, capacity, D] one slot of the
+    cache (float32 or int16 f16 bits), C-contiguous; out [H, S, D]; one thread."""
+    H = src.shape[0]
+    D = src.shape[2]
+    for h in range(H):
+        for t in range(S):
+            row, o = src[h, t], out[h, t]
+            for d in range(D):
+                o[d] = widen(row[d])
 
 
 @njit(fastmath={"reassoc", "nsz", "contract"}, boundscheck=False, cache=True, nogil=True)

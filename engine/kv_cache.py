@@ -12,6 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from .config import Config
+from .errors import GptcpuError
+
+KV_DTYPES = {"f32": np.float32, "f16": np.int16}   # f16: IEEE half bits, converted by the kernels
 
 
 class KVCache:
@@ -59,16 +62,20 @@ class SlotCache:
     """The KV cache of a continuous batch: one row (slot) per member, each with its own length.
 
     Keys and values are `[L, slots, H, capacity, D]` (np.zeros: a slot's pages are backed only
-    as far as it has written, and reused by the next member). A decode step attends for every
+    as far as it has written, and reused by the next member), float32, or f16 as int16 bits
+    (dtype "f16": half the memory and half the bytes each decode step reads; the kernels
+    convert in registers, engine.kernels.store). A decode step attends for every
     decoding member at once over the slots `0:hi`, each masked to its own length; a prompt chunk
     attends over its own slot. Free slots are handed out lowest first, which keeps `hi` small.
     """
 
-    def __init__(self, config: Config, slots: int, capacity: int):
+    def __init__(self, config: Config, slots: int, capacity: int, dtype: str = "f32"):
         L, H, D = config.n_layer, config.n_head, config.head_dim
-        self.capacity = capacity
-        self.k = np.zeros((L, slots, H, capacity, D), np.float32)
-        self.v = np.zeros((L, slots, H, capacity, D), np.float32)
+        if dtype not in KV_DTYPES:
+            raise GptcpuError(f"unknown KV cache dtype {dtype!r}; use {' or '.join(KV_DTYPES)}")
+        self.capacity, self.dtype = capacity, dtype
+        self.k = np.zeros((L, slots, H, capacity, D), KV_DTYPES[dtype])
+        self.v = np.zeros((L, slots, H, capacity, D), KV_DTYPES[dtype])
         self.length = np.zeros(slots, np.int64)
         self.free = list(range(slots))
 

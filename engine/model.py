@@ -15,7 +15,7 @@ import numpy as np
 from . import blas, kernels, threads
 from .config import Config
 from .errors import GptcpuError
-from .kv_cache import KVCache, SlotCache
+from .kv_cache import KV_DTYPES, KVCache, SlotCache
 from .weights import Packed, mmap_tensors
 
 F32 = np.float32
@@ -108,6 +108,14 @@ def embed(table, idx):  # [rows, C] f32 or Packed, int [...] -> [..., C] float32
     return table.rows(idx) if isinstance(table, Packed) else table[idx]
 
 
+def _f32(kv, S):  # one slot's cached keys or values [H, capacity, D] -> its first S, [1, H, S, D] float32
+    if kv.dtype == F32:
+        return kv[None, :, :S]
+    out = np.empty((1, kv.shape[0], S, kv.shape[2]), F32)   # an f16 cache's, widened
+    kernels.load_kv(kv, S, out[0])
+    return out
+
+
 def softmax_(x):  # in place over the last axis
     x -= x.max(-1, keepdims=True)
     np.exp(x, out=x)
@@ -143,8 +151,14 @@ def attention(q, k, v, bias, scale):  # [B,H,T,D], [B,H,S,D], [B,H,S,D], [B,1,T,
 class Model:
     """A loaded gptcpu model: config, weights (mmap'd, zero copy at f32), tokenizer."""
 
-    def __init__(self, config: Config, weights: dict[str, np.ndarray], tokenizer=None, path: Path | None = None):
+    def __init__(self, config: Config, weights: dict[str, np.ndarray], tokenizer=None, path: Path | None = None,
+                 kv_cache: str | None = None):
         self.config = config
+        # the KV cache of generation and serving: f32 beside f32 weights, else f16, whose rounding
+        # (2^-11 relative) is well below that of bf16, f16 or q8 weights
+        self.kv_cache = kv_cache or ("f32" if config.dtype == "f32" else "f16")
+        if self.kv_cache not in KV_DTYPES:
+            raise GptcpuError(f"unknown KV cache dtype {self.kv_cache!r}; use {' or '.join(KV_DTYPES)}")
         self.w = weights
         self.tokenizer = tokenizer
         self.path = path
@@ -269,11 +283,11 @@ class Model:
             out[rows] = o
         out = out.reshape(N, H * D)
         for a, b, slot, t0, bias in chunks:  # a prompt chunk, causal over its own slot
-            K[slot, :, t0:t0 + b - a] = k[a:b].transpose(1, 0, 2)
-            V[slot, :, t0:t0 + b - a] = v[a:b].transpose(1, 0, 2)
+            kernels.store_kv(K[slot], t0, np.ascontiguousarray(k[a:b]))
+            kernels.store_kv(V[slot], t0, np.ascontiguousarray(v[a:b]))
             S = t0 + b - a
             qa = q[a:b].transpose(1, 0, 2)[None]                # [1, H, T, D]
-            out[a:b] = attention(qa, K[slot:slot + 1, :, :S], V[slot:slot + 1, :, :S], bias, scale)[0]
+            out[a:b] = attention(qa, _f32(K[slot], S), _f32(V[slot], S), bias, scale)[0]
         return out[None]
 
     def _rotation(self, pos):  # position ids [B, T] -> cos, sin [B, T, 1, R/2], or None (GPT-2)
@@ -381,12 +395,15 @@ def load_weights(path: Path, config: Config) -> dict[str, np.ndarray | Packed]:
     return weights
 
 
-def load(path, threads: int | None = None, backend: str | None = None, threading: str | None = None) -> Model:
+def load(path, threads: int | None = None, backend: str | None = None, threading: str | None = None,
+         kv_cache: str | None = None) -> Model:
     """Load a gptcpu model folder (written by `gptcpu convert`) -> Model.
 
     backend: "openblas" (NumPy's own) or "mkl"; threading: "openmp", "tbb" or "sequential"
     (see gptcpu.engine.blas; both once per process). threads sets every pool at once; the
-    default is the CPUs this process may use (its affinity, capped by a container's CPU quota)."""
+    default is the CPUs this process may use (its affinity, capped by a container's CPU quota).
+    kv_cache: "f32" or "f16", the KV cache of generate, generate_batch and the server (default:
+    f32 for f32 weights, f16 for the others)."""
     from .config import Config
     from .threads import available_cpus, set_threads
     from .tokenizer import Tokenizer
@@ -398,4 +415,4 @@ def load(path, threads: int | None = None, backend: str | None = None, threading
     set_threads(threads or available_cpus())
     config = Config.load(path)
     tokenizer = Tokenizer.from_folder(path) if (path / "tokenizer.json").exists() else None
-    return Model(config, load_weights(path, config), tokenizer, path)
+    return Model(config, load_weights(path, config), tokenizer, path, kv_cache)

@@ -265,7 +265,10 @@ def test_generate_cli_streams_the_model_output(factory):
                 "--threads", "1", "--verbose", text)
     assert r.returncode == 0, r.stderr
     assert r.stdout == want + "\n"
-    assert "decode" in r.stderr and "tok/s" in r.stderr
+    assert "decode" in r.stderr and "tok/s" in r.stderr and "KV cache f32" in r.stderr
+    r = run_cli("generate", "--model", folder, "--temperature", "0", "--max-new-tokens", "12",
+                "--kv-cache", "f16", "--verbose", text)
+    assert r.returncode == 0 and "KV cache f16" in r.stderr, r.stderr
     r = run_cli("generate", "--model", folder, "word " * 80)
     assert_one_line_error(r, "81 tokens", "64")
     r = run_cli("generate", "--model", folder, "--truncate", "left", "--max-new-tokens", "3", "word " * 80)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -50,27 +55,75 @@ def test_matvec_kernels_match_numpy(M, K, N, dtype):
     np.testing.assert_array_equal(buf, exact)
 
 
+def f16_bits(x: np.ndarray) -> np.ndarray:
+    """What the f16 KV cache holds for x: NumPy's round to nearest even, clamped to +-65504."""
+    return np.clip(x, -65504, 65504).astype(np.float16).view(np.int16)
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16"])
 @pytest.mark.parametrize("H,D", [(12, 64), (3, 5), (16, 256)])
-def test_attend_decode_matches_numpy_softmax_attention(H, D):
-    """Each new token's key and value land at its slot's last position, and its output is the
-    softmax attention over that slot's first `ends` positions only (the rest is never read)."""
+def test_attend_decode_matches_numpy_softmax_attention(H, D, kv):
+    """Each new token's key and value land at its slot's last position (rounded to f16 in an f16
+    cache), and its output is the softmax attention over that slot's first `ends` positions only
+    (the rest is never read), the cached values widened exactly."""
     rng = np.random.default_rng(H * D)
     slots, cap = 5, 40
     K = rng.standard_normal((slots, H, cap, D), dtype=np.float32)
     V = rng.standard_normal((slots, H, cap, D), dtype=np.float32)
+    if kv == "f16":
+        K, V = f16_bits(K), f16_bits(V)
     K0, V0 = K.copy(), V.copy()
     rows_slots, ends = np.array([3, 0, 4], np.int64), np.array([17, 1, 40], np.int64)
     q, k, v = (rng.standard_normal((3, H, D), dtype=np.float32) for _ in range(3))
     out = np.empty((3, H, D), np.float32)
     kernels.attend_decode(q, k, v, K, V, rows_slots, ends, np.float32(0.3), out)
+    exact = (lambda a: a.view(np.float16).astype(np.float64)) if kv == "f16" else (lambda a: a.astype(np.float64))
     for r, (s, L) in enumerate(zip(rows_slots, ends)):
-        K0[s, :, L - 1], V0[s, :, L - 1] = k[r], v[r]
-        scores = np.einsum("hd,htd->ht", q[r].astype(np.float64), K0[s, :, :L]) * 0.3
+        K0[s, :, L - 1], V0[s, :, L - 1] = (k[r], v[r]) if kv == "f32" else (f16_bits(k[r]), f16_bits(v[r]))
+        scores = np.einsum("hd,htd->ht", q[r].astype(np.float64), exact(K0[s, :, :L])) * 0.3
         p = np.exp(scores - scores.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
-        np.testing.assert_allclose(out[r], np.einsum("ht,htd->hd", p, V0[s, :, :L]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(out[r], np.einsum("ht,htd->hd", p, exact(V0[s, :, :L])), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(K, K0)   # only the new positions were written
     np.testing.assert_array_equal(V, V0)
+
+
+F16_EDGES = np.array([0, -0.0, 1, -2.5, 65504, 65519, 65520, 1e6, -1e6, np.inf, -np.inf, 6.1035156e-05,
+                      6.1e-05, 5.96e-08, 2.98e-08, 2.9802322e-08, 1e-9, 1 + 2 ** -11, 1 + 3 * 2 ** -11], np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_store_and_load_kv_round_trip(dtype):
+    """A prompt chunk's keys [T, H, D] into one slot [H, capacity, D] at t0 and back: exact at
+    f32; at f16 the bits NumPy rounds to (nearest even, subnormals, ties, clamped overflow)."""
+    rng = np.random.default_rng(7)
+    x = np.concatenate([F16_EDGES, *(rng.standard_normal(3000, dtype=np.float32) * s for s in (1e-7, 1e-4, 1, 3e4))])
+    x = x[:len(x) // 12 * 12].reshape(-1, 3, 4)                     # [T, H=3, D=4]
+    T = x.shape[0]
+    slot = np.full((3, T + 9, 4), 77, dtype)
+    kernels.store_kv(slot, 5, x)
+    want = x.transpose(1, 0, 2) if dtype == np.float32 else f16_bits(x).transpose(1, 0, 2)
+    np.testing.assert_array_equal(slot[:, 5:5 + T], want)
+    assert (slot[:, :5] == 77).all() and (slot[:, 5 + T:] == 77).all()
+    back = np.empty((3, T + 5, 4), np.float32)
+    kernels.load_kv(slot, T + 5, back)
+    np.testing.assert_array_equal(back[:, 5:], x.transpose(1, 0, 2) if dtype == np.float32
+                                  else want.view(np.float16).astype(np.float32))
+
+
+def test_f16_kv_store_without_f16c():
+    """The portable f32 -> f16 rounding (no F16C, or not x86) gives NumPy's bits too."""
+    code = ("import numpy as np; from gptcpu.engine import kernels; assert not kernels._F16C; "
+            "rng = np.random.default_rng(1); "
+            "x = np.concatenate([np.array(%r, np.float32), *(rng.standard_normal(20000).astype(np.float32) * s "
+            "for s in (1e-8, 1e-5, 1, 100, 6e4))]).reshape(-1, 1, 1); "
+            "d = np.zeros((1, len(x), 1), np.int16); kernels.store_kv(d, 0, x); "
+            "assert (d.reshape(-1) == np.clip(x, -65504, 65504).astype(np.float16).view(np.int16).reshape(-1)).all()"
+            % [str(v) for v in F16_EDGES.tolist()])
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "GPTCPU_NO_F16C": "1", "NUMBA_CACHE_DIR": cache}
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "f16", "q8"])
@@ -108,10 +161,6 @@ def test_f16_widening_is_exact_for_every_finite_half():
 def test_f16_portable_widening_is_exact_too():
     """Without F16C the kernels widen f16 with integer ops; same exhaustive check, in a process
     where that path is forced (and numba's cache is out of the way)."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
 
     code = ("import numpy as np; from gptcpu.engine import kernels; assert not kernels._F16C; "
             "b = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.int16); "
