@@ -61,16 +61,22 @@ def convert(source: str, out: str | Path | None = None, dtype: str = "f16", revi
                   torch_dtype=hf_config.get("torch_dtype") or hf_config.get("dtype"))
     config_json = {**config.to_json(), "source": origin}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise GptcpuError(f"cannot write {out}: {e}") from None
     try:
         origin["tokenizer"] = write_tokenizer(folder, tmp)
         _write_weights(tmp / "model.safetensors", outputs, weights, dtype, progress)
         _verify(tmp / "model.safetensors", outputs, dtype)
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         _replace(tmp, out)
+    except OSError as e:   # a full disk, a folder we may not write: one line, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GptcpuError(f"converting into {out} failed: {e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

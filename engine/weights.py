@@ -7,6 +7,7 @@ returns views into one mmap (no copy, pages read only when touched) and handles 
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -81,9 +82,16 @@ def evict(f) -> None:
     The pages a write leaves cached are small folios, which `map_file` would then map 4 KB at a
     time until the cache drops them; read back from disk, they come in huge pages."""
     f.flush()
-    os.fsync(f.fileno())
+    try:
+        os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):   # (a file system that cannot sync: fine)
+            raise
     if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:   # only a hint
+            pass
 
 
 def mmap_tensors(path: str | Path) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ import checkpoints
 import gptcpu
 from gptcpu.convert.maps import ARCHS
 from gptcpu.engine.config import Config
+from gptcpu.engine.errors import GptcpuError
 from gptcpu.engine.tokenizer import Tokenizer
 from gptcpu.engine.weights import bf16_to_f32, mmap_tensors
 
@@ -264,3 +265,24 @@ def test_interrupted_convert_leaves_nothing(factory, workdir, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         gptcpu.convert(str(factory.checkpoint("gpt2")), out, dtype="f32")
     assert not out.exists() and not [p for p in workdir.iterdir() if ".partial-" in p.name]
+
+
+def test_full_disk_or_unwritable_output_is_one_line(factory, workdir, monkeypatch):
+    """An OSError while writing (here a full disk) is a GptcpuError naming it, nothing left behind;
+    an output folder that cannot be made is one line from the CLI."""
+    import errno
+
+    import gptcpu.convert.writer as writer
+
+    def full(self, name, array):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(writer.SafetensorsWriter, "write", full)
+        out = workdir / "full-disk"
+        with pytest.raises(GptcpuError, match="No space left on device"):
+            gptcpu.convert(str(factory.checkpoint("gpt2")), out, dtype="f32")
+    assert not out.exists() and not [p for p in workdir.iterdir() if ".partial-" in p.name]
+    (workdir / "a-file").write_text("not a folder")
+    r = run_cli("convert", factory.checkpoint("gpt2"), "--out", workdir / "a-file" / "model", "--dtype", "f32")
+    assert_one_line_error(r, "a-file")
