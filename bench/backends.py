@@ -6,9 +6,10 @@ Every measurement runs in its own process (bench/run_one.py: the BLAS and the th
 are chosen once per process), one at a time, the configurations interleaved across repeats
 (these machines are noisy); medians with min-max. The roofline of each dtype is the read
 bandwidth measured in the same run divided by the bytes that dtype reads per decode token
-(`gptcpu info`). "vs f32" and "of roofline" are taken within each repeat (its bandwidth
-measurement and its dtypes run back to back) and their median over repeats is shown, with
-min-max: these machines' memory speed drifts between repeats more than between neighbours.
+(`gptcpu info`). "vs f32" is taken within each repeat (its dtypes run back to back) and "of
+roofline" against the bandwidth measured just before that dtype's run; their medians over
+repeats are shown, with min-max: these machines' memory speed drifts in phases of minutes, so
+a bandwidth measured once per repeat put some GPT-J-width runs at 105-140% of their roofline.
 Results go to bench/results/backends.json and .md (and a plot with --plot).
 """
 
@@ -54,25 +55,26 @@ def dtype_table(shape: str, models: dict, threads: int, repeats: int, prompt: in
     from gptcpu.engine.info import account, config_of
 
     runs = {dt: [] for dt in models}
-    bw = []
+    bws = {dt: [] for dt in models}     # the bandwidth measured just before each run
     for r in range(repeats):
-        bw.append(run(["--bandwidth", "--threads", str(threads)])["read_bandwidth"])
         for dt, folder in models.items():
+            bws[dt].append(run(["--bandwidth", "--threads", str(threads)])["read_bandwidth"])
             runs[dt].append(run([str(folder), "--threads", str(threads), "--prompt", str(prompt), "--new", str(new)]))
             print(f"{shape} {dt} repeat {r}: decode {runs[dt][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
     a = account(config_of(str(models["f32"])))
+    bw = [b for r in range(repeats) for b in (bws[dt][r] for dt in models)]
     bandwidth = statistics.median(bw)
     rows = {}
     for dt, rs in runs.items():
         decode, prefill = [x["decode_tok_s"] for x in rs], [x["prefill_tok_s"] for x in rs]
         nbytes = a["decode_bytes_per_token"][dt]
-        # ratios within each repeat (its dtypes ran back to back, after its bandwidth was
-        # measured), then their median: this machine's memory speed drifts between repeats
+        # ratios within each repeat (its dtypes ran back to back), each run against the bandwidth
+        # measured just before it, then their median: this machine's memory speed drifts
         rows[dt] = {"decode": med(decode), "prefill": med(prefill), "roofline": bandwidth / nbytes,
                     "decode_vs_f32": med([d / f["decode_tok_s"] for d, f in zip(decode, runs["f32"])]),
                     "prefill_vs_f32": med([p / f["prefill_tok_s"] for p, f in zip(prefill, runs["f32"])]),
-                    "of_roofline": med([d / (b / nbytes) for d, b in zip(decode, bw)]),
-                    "runs": {"decode": decode, "prefill": prefill},
+                    "of_roofline": med([d / (b / nbytes) for d, b in zip(decode, bws[dt])]),
+                    "runs": {"decode": decode, "prefill": prefill, "read_bandwidth": bws[dt]},
                     "same_tokens_as_f32": rs[0]["tokens"] == runs["f32"][0]["tokens"]}
     return {"shape": shape, "threads": threads, "read_bandwidth": med(bw), "read_bandwidth_runs": bw, "rows": rows}
 
