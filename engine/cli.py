@@ -165,15 +165,12 @@ def cmd_serve(args) -> None:
         raise GptcpuError("--max-batch, --max-queue and --prefill-chunk must be at least 1")
     api_key = args.api_key or os.environ.get("GPTCPU_API_KEY") or None
     if args.ray:
-        if args.kv_cache:
-            raise GptcpuError("--kv-cache is for the local server; Ray replicas use the default (f32 for f32 "
-                              "weights, else f16)")
         _need_ray()
         from gptcpu.serve.ray_serve import run
         run(str(Path(args.model or default_model()).resolve()), address=args.address, host=args.host, port=args.port,
             threads=args.threads_per_replica, replicas=args.replicas, min_replicas=args.min_replicas,
             max_replicas=args.max_replicas, name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
-            prefill_chunk=args.prefill_chunk, api_key=api_key)
+            prefill_chunk=args.prefill_chunk, api_key=api_key, kv_cache=args.kv_cache)
         return
     model = load(args.model or default_model(), threads=args.threads, backend=args.backend,
                  threading=args.threading, kv_cache=args.kv_cache)
@@ -200,7 +197,7 @@ def cmd_batch(args) -> None:
         _need_ray()
     model = str(Path(args.model or default_model()).resolve())
     r = run(args.input, args.output, model, threads=args.threads, max_batch=args.max_batch, ray_address=args.ray,
-            actors=args.actors, progress=not args.quiet)
+            actors=args.actors, progress=not args.quiet, kv_cache=args.kv_cache)
     print(f"{r['prompts']} prompts: {r['done_before']} done before, {r['generated']} generated, {r['errors']} errors "
           f"-> {args.output}", file=sys.stderr)
 
@@ -315,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--model", help="gptcpu model folder (default: as for generate)")
     o.add_argument("--threads", type=int, help="threads of the engine (of each actor with --ray; default 1 there)")
     o.add_argument("--max-batch", type=int, default=8, help="sequences generated together (default 8)")
+    add_kv_flag(o)
     o.add_argument("--ray", nargs="?", const="local", metavar="ADDR",
                    help="run on Ray Data's actor pool: a cluster address, or none for a local Ray")
     o.add_argument("--actors", type=int, default=1, help="with --ray: actors, each loading the model once")

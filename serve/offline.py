@@ -85,9 +85,9 @@ def _parse(line: str, n: int, seen: set) -> dict:
 class Generator:
     """A loaded model that turns a list of requests into result records (one continuous batch)."""
 
-    def __init__(self, model_path: str, threads: int | None = None, max_batch: int = 8):
+    def __init__(self, model_path: str, threads: int | None = None, max_batch: int = 8, kv_cache: str | None = None):
         import gptcpu
-        self.model = gptcpu.load(model_path, threads=threads)
+        self.model = gptcpu.load(model_path, threads=threads, kv_cache=kv_cache)
         if self.model.tokenizer is None:
             raise GptcpuError(f"{model_path} has no tokenizer.json")
         self.max_batch = max_batch
@@ -155,7 +155,7 @@ def read_done(path: Path) -> dict[str, dict]:
 
 
 def run(input_path, output_path, model_path: str, threads: int | None = None, max_batch: int = 8,
-        ray_address: str | None = None, actors: int = 1, progress: bool = True) -> dict:
+        ray_address: str | None = None, actors: int = 1, progress: bool = True, kv_cache: str | None = None) -> dict:
     """Generate for every request of input_path not yet done in output_path -> counts."""
     from tqdm import tqdm
 
@@ -173,11 +173,11 @@ def run(input_path, output_path, model_path: str, threads: int | None = None, ma
     results.update({r["line"]: done[json.dumps(r["id"])] for r in requests
                     if "error" not in r and json.dumps(r["id"]) in done})
     if ray_address is None:   # load the model before anything is written
-        source = ((todo[i], rec) for i, rec in Generator(model_path, threads, max_batch).stream(todo))
+        source = ((todo[i], rec) for i, rec in Generator(model_path, threads, max_batch, kv_cache).stream(todo))
     else:
         from .ray_batch import connect, generate
         connect(ray_address)
-        source = generate(todo, model_path, ray_address, actors, threads or 1, max_batch)
+        source = generate(todo, model_path, ray_address, actors, threads or 1, max_batch, kv_cache=kv_cache)
     with open(output_path, "a", encoding="utf-8") as out, \
             tqdm(total=len(requests), initial=len(requests) - len(todo), unit="prompt", disable=not progress,
                  desc="gptcpu batch") as bar:

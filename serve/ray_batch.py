@@ -15,9 +15,9 @@ from typing import Iterator
 
 
 class _Actor:
-    def __init__(self, model_path: str, threads: int, max_batch: int):
+    def __init__(self, model_path: str, threads: int, max_batch: int, kv_cache: str | None = None):
         from .offline import Generator
-        self.generator = Generator(model_path, threads, max_batch)
+        self.generator = Generator(model_path, threads, max_batch, kv_cache)
 
     def __call__(self, block: dict) -> dict:
         requests = [json.loads(r) for r in block["request"]]
@@ -34,7 +34,8 @@ def connect(address: str | None) -> None:
 
 
 def generate(todo: list[dict], model_path: str, address: str | None, actors: int, threads: int,
-             max_batch: int, cpus_per_actor: float | None = None) -> Iterator[tuple[dict, dict]]:
+             max_batch: int, cpus_per_actor: float | None = None,
+             kv_cache: str | None = None) -> Iterator[tuple[dict, dict]]:
     import ray
 
     if not todo:
@@ -45,8 +46,8 @@ def generate(todo: list[dict], model_path: str, address: str | None, actors: int
     # a fraction of a CPU per thread: a whole CPU per actor on a small cluster leaves none for
     # Ray Data's own tasks, and the pipeline stalls
     cpus = cpus_per_actor if cpus_per_actor is not None else 0.5 * threads
-    out = ds.map_batches(_Actor, fn_constructor_args=(str(model_path), threads, max_batch), batch_size=4 * max_batch,
-                         concurrency=actors, num_cpus=cpus, batch_format="numpy",
+    out = ds.map_batches(_Actor, fn_constructor_args=(str(model_path), threads, max_batch, kv_cache),
+                         batch_size=4 * max_batch, concurrency=actors, num_cpus=cpus, batch_format="numpy",
                          max_restarts=-1, max_task_retries=-1)
     for row in out.iter_rows():
         yield by_line[int(row["line"])], json.loads(row["record"])

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 
 def build_app(model_path: str, threads: int, name: str | None, max_batch: int, max_queue: int,
-              prefill_chunk: int, api_key: str | None):
+              prefill_chunk: int, api_key: str | None, kv_cache: str | None = None):
     import gptcpu
     from gptcpu.serve import create_app
 
-    model = gptcpu.load(model_path, threads=threads)
+    model = gptcpu.load(model_path, threads=threads, kv_cache=kv_cache)
     return create_app(model, name=name, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                       api_key=api_key)
 
 
 def application(model_path: str, threads: int = 1, replicas: int = 1, min_replicas: int | None = None,
                 max_replicas: int | None = None, name: str | None = None, max_batch: int = 8, max_queue: int = 64,
-                prefill_chunk: int = 128, api_key: str | None = None):
+                prefill_chunk: int = 128, api_key: str | None = None, kv_cache: str | None = None):
     """-> a bound Ray Serve application (serve.run it)."""
     from pathlib import Path
 
@@ -30,7 +30,7 @@ def application(model_path: str, threads: int = 1, replicas: int = 1, min_replic
     path = str(Path(model_path).resolve())
 
     def builder():  # a function of no arguments: Ray Serve calls it on each replica
-        return build_app(path, threads, name, max_batch, max_queue, prefill_chunk, api_key)
+        return build_app(path, threads, name, max_batch, max_queue, prefill_chunk, api_key, kv_cache)
 
     class GptcpuReplica:
         pass

@@ -80,3 +80,18 @@ def test_batch_bad_arguments_are_one_line_errors(demo_f32, tmp_path):
     (tmp_path / "in.jsonl").write_text("{}\n")
     assert_one_line_error(run_cli("batch", tmp_path / "in.jsonl", tmp_path / "o.jsonl", "--model", tmp_path / "nope"),
                           "nope")
+
+
+def test_batch_kv_cache_flag_reaches_the_engine(demo_f32, tmp_path):
+    """--kv-cache f16 on an f32 model: the engine runs on an f16 cache (the Ray actors get the
+    same Generator arguments), and the records are still whole."""
+    from gptcpu.serve.offline import Generator
+
+    assert Generator(str(demo_f32), 1, 2, "f16").model.kv_cache == "f16"
+    assert Generator(str(demo_f32), 1, 2).model.kv_cache == "f32"
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps(GOOD[0]) + "\n")
+    r = run_cli("batch", inp, out, "--model", demo_f32, "--threads", "1", "--kv-cache", "f16", "--quiet")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(out.read_text())
+    assert rec["id"] == "a" and rec["usage"]["completion_tokens"] >= 1 and rec["finish_reason"] in ("stop", "length")
