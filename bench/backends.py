@@ -56,13 +56,14 @@ def dtype_table(shape: str, models: dict, threads: int, repeats: int, prompt: in
 
     runs = {dt: [] for dt in models}
     bws = {dt: [] for dt in models}     # the bandwidth measured just before each run
+    bw = []                             # all of them, in order
     for r in range(repeats):
         for dt, folder in models.items():
-            bws[dt].append(run(["--bandwidth", "--threads", str(threads)])["read_bandwidth"])
+            bw.append(run(["--bandwidth", "--threads", str(threads)])["read_bandwidth"])
+            bws[dt].append(bw[-1])
             runs[dt].append(run([str(folder), "--threads", str(threads), "--prompt", str(prompt), "--new", str(new)]))
             print(f"{shape} {dt} repeat {r}: decode {runs[dt][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
     a = account(config_of(str(models["f32"])))
-    bw = [b for r in range(repeats) for b in (bws[dt][r] for dt in models)]
     bandwidth = statistics.median(bw)
     rows = {}
     for dt, rs in runs.items():

@@ -17,6 +17,13 @@ from .errors import GptcpuError
 KV_DTYPES = {"f32": np.float32, "f16": np.int16}   # f16: IEEE half bits, converted by the kernels
 
 
+def kv_dtype(name: str):
+    """A KV cache dtype's name -> the NumPy dtype its arrays hold."""
+    if name not in KV_DTYPES:
+        raise GptcpuError(f"unknown KV cache dtype {name!r}; use {' or '.join(KV_DTYPES)}")
+    return KV_DTYPES[name]
+
+
 class KVCache:
     def __init__(self, config: Config, batch: int, capacity: int):
         L, H, D = config.n_layer, config.n_head, config.head_dim
@@ -71,11 +78,9 @@ class SlotCache:
 
     def __init__(self, config: Config, slots: int, capacity: int, dtype: str = "f32"):
         L, H, D = config.n_layer, config.n_head, config.head_dim
-        if dtype not in KV_DTYPES:
-            raise GptcpuError(f"unknown KV cache dtype {dtype!r}; use {' or '.join(KV_DTYPES)}")
         self.capacity, self.dtype = capacity, dtype
-        self.k = np.zeros((L, slots, H, capacity, D), KV_DTYPES[dtype])
-        self.v = np.zeros((L, slots, H, capacity, D), KV_DTYPES[dtype])
+        self.k = np.zeros((L, slots, H, capacity, D), kv_dtype(dtype))
+        self.v = np.zeros((L, slots, H, capacity, D), kv_dtype(dtype))
         self.length = np.zeros(slots, np.int64)
         self.free = list(range(slots))
 

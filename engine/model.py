@@ -15,7 +15,7 @@ import numpy as np
 from . import blas, kernels, threads
 from .config import Config
 from .errors import GptcpuError
-from .kv_cache import KV_DTYPES, KVCache, SlotCache
+from .kv_cache import KVCache, SlotCache, kv_dtype
 from .weights import Packed, mmap_tensors
 
 F32 = np.float32
@@ -157,8 +157,7 @@ class Model:
         # the KV cache of generation and serving: f32 beside f32 weights, else f16, whose rounding
         # (2^-11 relative) is well below that of bf16, f16 or q8 weights
         self.kv_cache = kv_cache or ("f32" if config.dtype == "f32" else "f16")
-        if self.kv_cache not in KV_DTYPES:
-            raise GptcpuError(f"unknown KV cache dtype {self.kv_cache!r}; use {' or '.join(KV_DTYPES)}")
+        kv_dtype(self.kv_cache)   # a bad name fails at load, not at the first generate
         self.w = weights
         self.tokenizer = tokenizer
         self.path = path
