@@ -14,7 +14,7 @@ from gptcpu.engine import kernels
 from gptcpu.engine.weights import Packed, bf16_to_f32, f32_to_bf16
 
 SHAPES = [(1, 7, 5), (1, 768, 2304), (3, 769, 1001), (2, 130, 257), (8, 64, 513), (1, 1, 1), (5, 33, 256),
-          (2, 1030, 2047), (6, 40, 262)]
+          (2, 1030, 2047), (6, 40, 262), (1, 40, 1100)]
 
 
 def stored(w32: np.ndarray, dtype: str):
