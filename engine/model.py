@@ -7,6 +7,7 @@ every linear layer is `x @ w + b`. Everything stays float32: no float64 on the h
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -24,35 +25,39 @@ MASKED = np.finfo(F32).min  # added to masked scores: exp() underflows to 0 with
 
 def check_ids(ids, n_vocab: int) -> None:
     ids = np.asarray(ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
-        raise GptcpuError(f"token id {ids.max() if ids.max() >= n_vocab else ids.min()} is outside "
-                          f"the vocabulary of {n_vocab}")
+    if not ids.size:
+        return
+    if ids.size <= 64:   # a decode step's few ids: Python's min and max (NumPy's cost ~5 us each)
+        flat = ids.ravel().tolist()
+        lo, hi = min(flat), max(flat)
+    else:
+        lo, hi = ids.min(), ids.max()
+    if lo < 0 or hi >= n_vocab:
+        raise GptcpuError(f"token id {hi if hi >= n_vocab else lo} is outside the vocabulary of {n_vocab}")
 
 
-def linear(x, w, b=None):  # [..., in], [in, out], [out] -> [..., out]
-    # one GEMM (GEMV when B*T = 1), whatever the batch; a Packed w runs its compiled kernel, and
+def linear(x, w, b=None):  # [R, in], [in, out], [out] -> [R, out], a fresh array
+    # one GEMM (GEMV at one row), whatever the batch; a Packed w runs its compiled kernel, and
     # so does an f32 w at decode (1 to 8 rows): BLAS's sgemm handles 2-8 rows badly, and a
     # decode step that ran both BLAS's threads and the kernels' (attention) would have each
     # pool spinning against the other (GPT-2-small at batch 1, 2 threads: 32 ms/step, 13.5 with one)
-    x2 = x.reshape(-1, x.shape[-1])
+    decode = len(x) <= Packed.MATVEC_ROWS
     if isinstance(w, Packed):
-        y = x2 @ w
+        y = w.matvec(x) if decode else x @ w
     else:
-        y = None
-        if x2.shape[0] <= Packed.MATVEC_ROWS and w.dtype == F32:
-            y = kernels.small_matmul(np.ascontiguousarray(x2), w)
+        y = kernels.small_matmul(np.ascontiguousarray(x), w) if decode and w.dtype == F32 else None
         if y is None:
-            y = blas.matmul(x2, w)
+            y = blas.matmul(x, w)
     if b is not None:
         y += b
-    return y.reshape(*x.shape[:-1], w.shape[1])
+    return y
 
 
-def layer_norm(x, w, b, eps):  # [..., C] -> [..., C], a fresh array
-    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=F32)
-    out = np.empty_like(x2)
-    kernels.layer_norm(x2, w, b, F32(eps), out)
-    return out.reshape(x.shape)
+def layer_norm(x, w, b, eps):  # [R, C] -> [R, C], a fresh array
+    x = np.ascontiguousarray(x, dtype=F32)
+    out = np.empty_like(x)
+    kernels.layer_norm(x, w, b, F32(eps), out)
+    return out
 
 
 def gelu_new(x):  # in place: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
@@ -94,13 +99,13 @@ def _row_groups(lengths) -> list:
     return groups
 
 
-def _grouped(f, x, groups):  # f over rows [1, n, C] -> [1, n, out], group by group -> [1, N, out]
+def _grouped(f, x, groups):  # f over rows [n, C] -> [n, out], group by group -> [N, out]
     out = None
     for rows in groups:
-        y = f(x[:, rows])
+        y = f(x[rows])
         if out is None:
-            out = np.empty((1, x.shape[1], y.shape[-1]), F32)
-        out[:, rows] = y
+            out = np.empty((len(x), y.shape[-1]), F32)
+        out[rows] = y
     return out
 
 
@@ -159,6 +164,12 @@ class Model:
         self.kv_cache = kv_cache or ("f32" if config.dtype == "f32" else "f16")
         kv_dtype(self.kv_cache)   # a bad name fails at load, not at the first generate
         self.w = weights
+        # each layer's tensors by their names within the layer ("ln_1.weight", "attn.w_qkv", ...)
+        self.layers = [{name[len(p):]: t for name, t in weights.items() if name.startswith(p)}
+                       for p in (f"blocks.{i}." for i in range(config.n_layer))]
+        # 1 / sqrt(head_dim), and / (layer + 1) where the config asks (GPT-2's option)
+        self.attn_scale = [F32(1 / math.sqrt(config.head_dim) / ((i + 1) if config.scale_attn_by_inverse_layer_idx else 1))
+                           for i in range(config.n_layer)]
         self.tokenizer = tokenizer
         self.path = path
         self.act = ACTIVATIONS[config.activation]
@@ -199,14 +210,16 @@ class Model:
         x = embed(self.w["wte"], ids)                          # [B, T, C]
         if c.arch == "gpt2":
             x += embed(self.w["wpe"], pos)
+        x = x.reshape(B * T, c.n_embd)                         # the blocks work on rows
         rot = self._rotation(pos)
         for i in range(c.n_layer):
-            x = self.block(i, x, lambda i, q, k, v: self.attend(i, q, k, v, cache, bias, rot))
+            x = self.block(i, x, lambda i, q, k, v: self.attend(i, q, k, v, cache, bias, rot, B))
         if cache is not None:
             cache.advance(T)
+        x = x.reshape(B, T, c.n_embd)
         if last_only:
             x = x[:, -1:]
-        return self.head(x)                                    # [B, T, V]
+        return self.head(x.reshape(-1, c.n_embd)).reshape(B, x.shape[1], -1)   # [B, T, V]
 
     def forward_ragged(self, pool: SlotCache, parts) -> list[np.ndarray]:
         """Several sequences in one pass, each in its own slot of pool: parts is a list of
@@ -232,9 +245,9 @@ class Model:
             start += len(t)
         pos = np.concatenate([np.arange(t0, t0 + b - a) for a, b, _, t0 in spans])
         rot = self._rotation(pos[None])
-        x = embed(self.w["wte"], ids[None])                    # [1, N, C]
+        x = embed(self.w["wte"], ids)                          # [N, C]
         if c.arch == "gpt2":
-            x += embed(self.w["wpe"], pos[None])
+            x += embed(self.w["wpe"], pos)
         # Rows go through the weights in groups that do not depend on the rest of the batch:
         # one-token rows together, in the compiled GEMV (8 at a time), each prompt chunk on its
         # own. The GEMV computes each row the same way whatever else is in it; BLAS's sgemm
@@ -257,29 +270,31 @@ class Model:
                   for (a, b, _, _), (_, _, all_logits) in zip(spans, parts)]
         for a, b, slot, _ in spans:
             pool.length[slot] += b - a
-        x = x[:, np.concatenate(picked)]
-        groups = _row_groups([len(r) if all_logits else 1 for r, (_, _, all_logits) in zip(picked, parts)])
-        logits = (self.head(x) if len(groups) == 1 else _grouped(self.head, x, groups))[0]   # [sum of picked, V]
-        return np.split(logits, np.cumsum([len(r) for r in picked])[:-1])
+        sizes = [len(r) for r in picked]
+        if sum(sizes) < len(x):   # (decode steps keep every row: one each)
+            x = x[np.concatenate(picked)]
+        groups = _row_groups([n if all_logits else 1 for n, (_, _, all_logits) in zip(sizes, parts)])
+        logits = self.head(x) if len(groups) == 1 else _grouped(self.head, x, groups)   # [sum of picked, V]
+        ends = list(itertools.accumulate(sizes))
+        return [logits[a:b] for a, b in zip([0] + ends[:-1], ends)]
 
-    def _attend_slots(self, i, q, k, v, rot, pool, decoding, chunks):  # q, k, v [1, N, C] -> [1, N, C]
+    def _attend_slots(self, i, q, k, v, rot, pool, decoding, chunks):  # q, k, v [N, C] -> [N, C]
         c = self.config
-        N, H, D = q.shape[1], c.n_head, c.head_dim
-        q, k, v = (t.reshape(N, H, D) for t in (q, k, v))
+        N, H, D = len(q), c.n_head, c.head_dim
+        q, k, v = q.reshape(N, H, D), k.reshape(N, H, D), v.reshape(N, H, D)
         if rot is not None:
             rotate_(q[None], *rot)
             rotate_(k[None], *rot)
         K, V = pool.k[i], pool.v[i]                            # [slots, H, capacity, D]
-        scale = 1 / math.sqrt(D)
-        if c.scale_attn_by_inverse_layer_idx:
-            scale /= i + 1
+        scale = self.attn_scale[i]
         out = np.empty((N, H, D), F32)
         if decoding:  # one token each: one compiled call writes their keys and values and attends
             rows, slots, ends = decoding
-            o = np.empty((len(slots), H, D), F32)
+            o = out if not chunks else np.empty((len(slots), H, D), F32)   # (no chunks: every row)
             kernels.attend_decode(np.ascontiguousarray(q[rows]), np.ascontiguousarray(k[rows]),
-                                  np.ascontiguousarray(v[rows]), K, V, slots, ends, F32(scale), o)
-            out[rows] = o
+                                  np.ascontiguousarray(v[rows]), K, V, slots, ends, scale, o)
+            if chunks:
+                out[rows] = o
         out = out.reshape(N, H * D)
         for a, b, slot, t0, bias in chunks:  # a prompt chunk, causal over its own slot
             kernels.store_kv(K[slot], t0, np.ascontiguousarray(k[a:b]))
@@ -287,14 +302,14 @@ class Model:
             S = t0 + b - a
             qa = q[a:b].transpose(1, 0, 2)[None]                # [1, H, T, D]
             out[a:b] = attention(qa, _f32(K[slot], S), _f32(V[slot], S), bias, scale)[0]
-        return out[None]
+        return out
 
     def _rotation(self, pos):  # position ids [B, T] -> cos, sin [B, T, 1, R/2], or None (GPT-2)
         if not self.config.rotary_dim:
             return None
         return self.cos[pos][:, :, None], self.sin[pos][:, :, None]
 
-    def head(self, x):  # final layer norm and LM head: [B, T, C] -> [B, T, V]
+    def head(self, x):  # final layer norm and LM head: [R, C] -> [R, V]
         c = self.config
         x = layer_norm(x, self.w["ln_f.weight"], self.w["ln_f.bias"], c.layer_norm_epsilon)
         return linear(x, self.head_w, self.head_b)
@@ -308,25 +323,33 @@ class Model:
             return None
         return np.where(allowed, F32(0), MASKED)[:, None].astype(F32)
 
-    def block(self, i, x, attend, linear=linear):  # [B, T, C] -> [B, T, C]; attend(i, q, k, v) -> [B, T, C]
-        c, w, p = self.config, self.w, f"blocks.{i}."
+    def block(self, i, x, attend, linear=linear):  # [R, C] -> [R, C]; attend(i, q, k, v) -> [R, C]
+        # (rows, not [B, T, C], and the residual added into the fresh output, y += x: the same
+        # sums as x + y with fewer NumPy calls; at GPT-2-small's decode each costs ~0.3-1 us,
+        # 12 layers a token)
+        c, w = self.config, self.layers[i]
         C = c.n_embd
-        h = layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], c.layer_norm_epsilon)
+        h = layer_norm(x, w["ln_1.weight"], w["ln_1.bias"], c.layer_norm_epsilon)
         if c.parallel_residual:
             # GPT-J: attention and MLP both read h; one GEMM in, one GEMM out
-            u = linear(h, w[p + "w_in"], w[p + "b_in"])         # [B, T, 3C + I]
-            a = attend(i, u[..., :C], u[..., C:2 * C], u[..., 2 * C:3 * C])
-            g = self.act(u[..., 3 * C:])                        # [B, T, I]
-            return x + linear(np.concatenate([a, g], -1), w[p + "w_out"], w[p + "b_out"])
-        qkv = linear(h, w[p + "attn.w_qkv"], w[p + "attn.b_qkv"])  # [B, T, 3C]
-        a = attend(i, qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:])
-        x = x + linear(a, w[p + "attn.w_o"], w[p + "attn.b_o"])
-        h = layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], c.layer_norm_epsilon)
-        return x + linear(self.act(linear(h, w[p + "mlp.w_in"], w[p + "mlp.b_in"])), w[p + "mlp.w_out"], w[p + "mlp.b_out"])
+            u = linear(h, w["w_in"], w["b_in"])                 # [R, 3C + I]
+            a = attend(i, u[:, :C], u[:, C:2 * C], u[:, 2 * C:3 * C])
+            g = self.act(u[:, 3 * C:])                          # [R, I]
+            y = linear(np.concatenate([a, g], -1), w["w_out"], w["b_out"])
+            y += x
+            return y
+        qkv = linear(h, w["attn.w_qkv"], w["attn.b_qkv"])      # [R, 3C]
+        a = attend(i, qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:])
+        r = linear(a, w["attn.w_o"], w["attn.b_o"])           # the residual stream after attention
+        r += x
+        h = layer_norm(r, w["ln_2.weight"], w["ln_2.bias"], c.layer_norm_epsilon)
+        y = linear(self.act(linear(h, w["mlp.w_in"], w["mlp.b_in"])), w["mlp.w_out"], w["mlp.b_out"])
+        y += r
+        return y
 
-    def attend(self, i, q, k, v, cache, bias, rot):  # q, k, v [B, T, C] -> [B, T, C]
+    def attend(self, i, q, k, v, cache, bias, rot, B):  # q, k, v [B * T, C] -> [B * T, C]
         c = self.config
-        B, T, C = q.shape
+        T, C = len(q) // B, q.shape[1]
         H, D = c.n_head, c.head_dim
         q, k, v = (t.reshape(B, T, H, D) for t in (q, k, v))
         if rot is not None:
@@ -335,10 +358,7 @@ class Model:
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, D]
         if cache is not None:
             k, v = cache.update(i, k, v)                        # [B, H, S, D]
-        scale = 1 / math.sqrt(D)
-        if c.scale_attn_by_inverse_layer_idx:
-            scale /= i + 1
-        return attention(q, k, v, bias, scale)
+        return attention(q, k, v, bias, self.attn_scale[i]).reshape(B * T, C)
 
     # -- the public API ---------------------------------------------------------------------
 

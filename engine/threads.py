@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -11,6 +12,7 @@ from .errors import GptcpuError
 
 _limits = None  # kept alive: the limits hold for the life of the process
 _count: int | None = None  # what set_threads asked for, for apply()
+_applied = threading.local()  # per Python thread: the _count that apply() last gave it
 
 
 def set_threads(n: int) -> None:
@@ -37,13 +39,15 @@ def apply() -> None:
     thread: one that did not call set_threads (serve's scheduler, a Ray replica's or a Ray Data
     actor's worker thread) runs every kernel on all NUMBA_NUM_THREADS threads. Two Ray replicas
     of --threads 1 on two cores then ran two threads each, spinning against each other (serve,
-    8 clients: 36.3 tok/s; with this, 152.6). Every forward pass calls this."""
-    if _count is not None:
+    8 clients: 36.3 tok/s; with this, 152.6). Every forward pass calls this, so it remembers,
+    per thread, what it has set (numba.get_num_threads takes two locks: ~8 us a decode step)."""
+    if _count is not None and getattr(_applied, "count", None) != _count:
         import numba
 
         n = min(_count, numba.config.NUMBA_NUM_THREADS)
         if numba.get_num_threads() != n:
             numba.set_num_threads(n)
+        _applied.count = _count
 
 
 def available_cpus() -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import blas, kernels
 from .errors import GptcpuError
 
 # safetensors dtype name -> NumPy dtype of the stored bytes (BF16: raw uint16 bit patterns)
@@ -173,17 +174,27 @@ class Packed:
             out = b.astype(np.float32) * self.scale[idx][..., None]
         return out
 
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """x [M, K] @ self -> [M, N] float32 for M <= MATVEC_ROWS (decode): the compiled GEMV."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.per_row:
+            out = np.empty((x.shape[0], self.bits.shape[0]), np.float32)
+            kernels.matvec_t(x, self.bits, out)
+        else:
+            out = np.empty((x.shape[0], self.bits.shape[1]), np.float32)
+            kernels.matvec(x, self.bits, out)
+        if self.scale is not None:
+            out *= self.scale
+        return out
+
     def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
         """x [M, K] @ self -> [M, N] float32."""
-        from . import blas, kernels
-
         M = x.shape[0]
         K, N = self.shape
-        x = np.ascontiguousarray(x, dtype=np.float32)
         if M <= self.MATVEC_ROWS:
-            out = np.empty((M, N), np.float32)
-            (kernels.matvec_t if self.per_row else kernels.matvec)(x, self.bits, out)
-        elif self.per_row:  # the table's rows c0:c1 are the product's columns c0:c1
+            return self.matvec(x)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.per_row:  # the table's rows c0:c1 are the product's columns c0:c1
             out = np.empty((M, N), np.float32)
             rows = max(1, min(N, self.PREFILL_BYTES // (4 * K)))
             buffer = self._scratch(rows * K)
