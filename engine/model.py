@@ -1,7 +1,8 @@
 """The forward pass of GPT-2 and GPT-J, written as the math over NumPy float32 arrays.
 
-Shape letters: B batch, T new tokens this step, S slots attended (cached + new), C n_embd,
-H n_head, D head_dim, R rotary_dim, I n_inner, V n_vocab. Weights are stored [in, out], so
+Shape letters: B batch, T new tokens this step, N rows (a step's B x T tokens, or a ragged
+batch's), S slots attended (cached + new), C n_embd, H n_head, D head_dim, R rotary_dim,
+I n_inner, V n_vocab. Weights are stored [in, out], so
 every linear layer is `x @ w + b`. Everything stays float32: no float64 on the hot path.
 """
 
@@ -36,7 +37,7 @@ def check_ids(ids, n_vocab: int) -> None:
         raise GptcpuError(f"token id {hi if hi >= n_vocab else lo} is outside the vocabulary of {n_vocab}")
 
 
-def linear(x, w, b=None):  # [R, in], [in, out], [out] -> [R, out], a fresh array
+def linear(x, w, b=None):  # [N, in], [in, out], [out] -> [N, out], a fresh array
     # one GEMM (GEMV at one row), whatever the batch; a Packed w runs its compiled kernel, and
     # so does an f32 w at decode (1 to 8 rows): BLAS's sgemm handles 2-8 rows badly, and a
     # decode step that ran both BLAS's threads and the kernels' (attention) would have each
@@ -53,7 +54,7 @@ def linear(x, w, b=None):  # [R, in], [in, out], [out] -> [R, out], a fresh arra
     return y
 
 
-def layer_norm(x, w, b, eps):  # [R, C] -> [R, C], a fresh array
+def layer_norm(x, w, b, eps):  # [N, C] -> [N, C], a fresh array
     x = np.ascontiguousarray(x, dtype=F32)
     out = np.empty_like(x)
     kernels.layer_norm(x, w, b, F32(eps), out)
@@ -309,7 +310,7 @@ class Model:
             return None
         return self.cos[pos][:, :, None], self.sin[pos][:, :, None]
 
-    def head(self, x):  # final layer norm and LM head: [R, C] -> [R, V]
+    def head(self, x):  # final layer norm and LM head: [N, C] -> [N, V]
         c = self.config
         x = layer_norm(x, self.w["ln_f.weight"], self.w["ln_f.bias"], c.layer_norm_epsilon)
         return linear(x, self.head_w, self.head_b)
@@ -323,8 +324,8 @@ class Model:
             return None
         return np.where(allowed, F32(0), MASKED)[:, None].astype(F32)
 
-    def block(self, i, x, attend, linear=linear):  # [R, C] -> [R, C]; attend(i, q, k, v) -> [R, C]
-        # (rows, not [B, T, C], and the residual added into the fresh output, y += x: the same
+    def block(self, i, x, attend, linear=linear):  # [N, C] -> [N, C]; attend(i, q, k, v) -> [N, C]
+        # (rows [N, C], not [B, T, C], and the residual added into the fresh output, y += x: the same
         # sums as x + y with fewer NumPy calls; at GPT-2-small's decode each costs ~0.3-1 us,
         # 12 layers a token)
         c, w = self.config, self.layers[i]
@@ -332,13 +333,13 @@ class Model:
         h = layer_norm(x, w["ln_1.weight"], w["ln_1.bias"], c.layer_norm_epsilon)
         if c.parallel_residual:
             # GPT-J: attention and MLP both read h; one GEMM in, one GEMM out
-            u = linear(h, w["w_in"], w["b_in"])                 # [R, 3C + I]
+            u = linear(h, w["w_in"], w["b_in"])                 # [N, 3C + I]
             a = attend(i, u[:, :C], u[:, C:2 * C], u[:, 2 * C:3 * C])
-            g = self.act(u[:, 3 * C:])                          # [R, I]
+            g = self.act(u[:, 3 * C:])                          # [N, I]
             y = linear(np.concatenate([a, g], -1), w["w_out"], w["b_out"])
             y += x
             return y
-        qkv = linear(h, w["attn.w_qkv"], w["attn.b_qkv"])      # [R, 3C]
+        qkv = linear(h, w["attn.w_qkv"], w["attn.b_qkv"])      # [N, 3C]
         a = attend(i, qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:])
         r = linear(a, w["attn.w_o"], w["attn.b_o"])           # the residual stream after attention
         r += x
