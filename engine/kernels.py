@@ -423,9 +423,7 @@ def attend_decode(q, k, v, K, V, slots, ends, scale, out):
     matvec): GPT-2-small q8 decode spent 0.47 ms a token here, against 0.55 without.
     """
     n, H, D = q.shape
-    step = prefetch_line(K)   # elements per cache line: 32 at f16, else 16
-    if step == 0:
-        step = 16
+    step = 64 // K.itemsize   # elements per cache line: 32 at f16, 16 at f32
     for task in prange(n * H):
         r, h = task // H, task % H
         s, L = slots[r], ends[r]

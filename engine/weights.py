@@ -177,12 +177,8 @@ class Packed:
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """x [M, K] @ self -> [M, N] float32 for M <= MATVEC_ROWS (decode): the compiled GEMV."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.per_row:
-            out = np.empty((x.shape[0], self.bits.shape[0]), np.float32)
-            kernels.matvec_t(x, self.bits, out)
-        else:
-            out = np.empty((x.shape[0], self.bits.shape[1]), np.float32)
-            kernels.matvec(x, self.bits, out)
+        out = np.empty((x.shape[0], self.shape[1]), np.float32)
+        (kernels.matvec_t if self.per_row else kernels.matvec)(x, self.bits, out)
         if self.scale is not None:
             out *= self.scale
         return out
