@@ -275,7 +275,9 @@ def _matvec_rows(x, w, out, threads):
     M, K = x.shape
     N = w.shape[1]
     T = min(threads, max(1, K // 16))
-    part = np.zeros((T, M, N), np.float32)
+    # np.zeros, and `out += part[t]` below, would each be a parallel loop of their own: three
+    # fork-joins a call, not one (GPT-2-small q8 4.15 -> 4.04 ms a token, the same sums)
+    part = np.empty((T, M, N), np.float32)
     step = (K + T - 1) // T
     line = prefetch_line(w)
     ahead = line > 0 and M == 1
@@ -288,6 +290,9 @@ def _matvec_rows(x, w, out, threads):
     for t in prange(T):
         k, k1 = t * step, min(K, t * step + step)
         acc = part[t]
+        for m in range(M):
+            for j in range(N):
+                acc[m, j] = 0
         while k + 8 <= k1:
             for c0 in range(0, N, width):
                 c1 = min(N, c0 + width)
@@ -334,9 +339,12 @@ def _matvec_rows(x, w, out, threads):
                 for j in range(N):
                     a[j] += x0 * widen(r0[j])
             k += 1
-    out[:] = part[0]
-    for t in range(1, T):
-        out += part[t]
+    for m in range(M):   # part[0] + part[1] + ..., in that order
+        for j in range(N):
+            s = part[0, m, j]
+            for t in range(1, T):
+                s += part[t, m, j]
+            out[m, j] = s
 
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
