@@ -536,6 +536,36 @@ STAGE = 1024  # widen_into: floats widened at a time into a 4 KB block in L1, th
 #                (GPT-J width's 8 bf16 matrices: 102 ms; 4096 floats: 142; widening in IR: 105)
 
 
+# tanh as Eigen's 13/6-degree rational function (a couple of ulp of tanh on [-9, 9], +-1 beyond)
+_TANH_P = tuple(F32(c) for c in (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
+                                 5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
+                                 4.89352455891786e-03))
+_TANH_Q = tuple(F32(c) for c in (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03,
+                                 4.89352518554385e-03))
+
+
+@njit(fastmath={"contract"}, boundscheck=False, cache=True, nogil=True, error_model="numpy")
+def gelu_tanh(x):
+    """x = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in place, x 1-D contiguous; one thread.
+
+    NumPy's nine ufunc passes took 5.9 us on a row of 3072 (GPT-2-small's MLP, 12 a token);
+    this, 1.2 (GPT-2-small q8 decode 3.67 -> 3.63 and 3.40 -> 3.34 ms a token). It vectorizes
+    because tanh is arithmetic here (no libm call) and error_model="numpy" drops numba's
+    division-by-zero check, whose branch kept the loop scalar. Against torch's gelu(approximate=
+    "tanh") it is within 1e-6 absolute (NumPy's np.tanh formula: 5e-7)."""
+    p13, p11, p9, p7, p5, p3, p1 = _TANH_P
+    q6, q4, q2, q0 = _TANH_Q
+    for i in range(x.shape[0]):
+        v = x[i]
+        t = F32(0.7978845608028654) * (v + F32(0.044715) * v * v * v)
+        t = t if t < F32(9) else F32(9)
+        t = t if t > F32(-9) else F32(-9)
+        t2 = t * t
+        p = t * (((((((p13 * t2 + p11) * t2 + p9) * t2 + p7) * t2 + p5) * t2 + p3) * t2) + p1)
+        q = ((q6 * t2 + q4) * t2 + q2) * t2 + q0
+        x[i] = F32(0.5) * v * (F32(1) + p / q)
+
+
 @intrinsic
 def _stream_line(typingctx, src, i, dst, j):
     """dst[j:j+LANES] = src[i:i+LANES] (float32), stored past the caches (a non-temporal store;
