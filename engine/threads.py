@@ -20,12 +20,12 @@ def set_threads(n: int) -> None:
     global _limits, _count
     import numba
 
-    from . import blas
+    from . import blas, kernels
 
     if n < 1:
         raise GptcpuError(f"--threads must be at least 1, got {n}")
     try:  # first: starting numba's layer may load an OpenMP runtime that threadpoolctl then sees
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        kernels.set_thread_count(min(n, numba.config.NUMBA_NUM_THREADS))
     except ValueError as e:  # the threading layer asked for cannot load
         raise GptcpuError(f"numba cannot start its {numba.config.THREADING_LAYER} threading layer: "
                           f"{str(e).splitlines()[0]}") from None
@@ -44,9 +44,9 @@ def apply() -> None:
     if _count is not None and getattr(_applied, "count", None) != _count:
         import numba
 
-        n = min(_count, numba.config.NUMBA_NUM_THREADS)
-        if numba.get_num_threads() != n:
-            numba.set_num_threads(n)
+        from . import kernels
+
+        kernels.set_thread_count(min(_count, numba.config.NUMBA_NUM_THREADS))
         _applied.count = _count
 
 
