@@ -174,13 +174,20 @@ class Packed:
             out = b.astype(np.float32) * self.scale[idx][..., None]
         return out
 
-    def matvec(self, x: np.ndarray) -> np.ndarray:
-        """x [M, K] @ self -> [M, N] float32 for M <= MATVEC_ROWS (decode): the compiled GEMV."""
+    def matvec(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """x [M, K] @ self (+ bias) -> [M, N] float32 for M <= MATVEC_ROWS (decode): the
+        compiled GEMV."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], self.shape[1]), np.float32)
-        (kernels.matvec_t if self.per_row else kernels.matvec)(x, self.bits, out)
+        if not self.per_row:   # the scale and the bias applied as the sums are stored
+            kernels.matvec(x, self.bits, out, kernels.NONE if self.scale is None else self.scale,
+                           kernels.NONE if bias is None else bias)
+            return out
+        kernels.matvec_t(x, self.bits, out)
         if self.scale is not None:
             out *= self.scale
+        if bias is not None:
+            out += bias
         return out
 
     def __rmatmul__(self, x: np.ndarray) -> np.ndarray:

@@ -46,8 +46,15 @@ def test_matvec_kernels_match_numpy(M, K, N, dtype):
     for split in (kernels._matvec_rows, kernels._matvec_cols):  # both ways, any thread count
         for threads in (1, 2, 3):
             out[...] = np.nan
-            split(x, bits, out, threads)
+            split(x, bits, out, threads, kernels.NONE, kernels.NONE)
             assert np.abs(out - want).max() / scale < 1e-5, (split, threads)
+    # the epilogue: a per-column scale, a bias, or both, applied as the sums are stored
+    s, b = rng.uniform(0.5, 2, N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
+    for split in (kernels._matvec_rows, kernels._matvec_cols):
+        for sc, bi in ((s, kernels.NONE), (kernels.NONE, b), (s, b)):
+            split(x, bits, out, 2, sc, bi)
+            exp = want * (sc if sc.size else 1) + (bi if bi.size else 0)
+            assert np.abs(out - exp).max() / (np.abs(exp).max() + 1e-30) < 1e-5, (split, sc.size, bi.size)
     kernels.matvec_t(x, np.ascontiguousarray(bits.T), out)
     assert np.abs(out - want).max() / scale < 1e-5
     buf = np.empty((K, N), np.float32)
