@@ -380,8 +380,10 @@ def _matvec_rows(x, w, out, threads, scale, bias):
 
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
-def matvec_t(x, w, out):
-    """out[M, N] = x[M, K] @ w[N, K].T for a small M: the tied LM head reads the embedding [V, C].
+def matvec_t(x, w, out, scale, bias):
+    """out[M, N] = x[M, K] @ w[N, K].T (* scale[N]) (+ bias[N]) for a small M: the tied LM head
+    reads the embedding [V, C]. scale and bias as in matvec, applied to each block of rows while
+    it is in cache.
 
     Dot products along K. Four rows of x at a time go against four weight rows at a time (16
     sums, which LLVM keeps in vector registers: 8 loads per 16 FMAs); the rows of x left over
@@ -446,6 +448,10 @@ def matvec_t(x, w, out):
                 for k in range(K):
                     s += a[k] * widen(row[k])
                 out[m, n] = s
+        if scale.size or bias.size:
+            for m in range(M):
+                for n in range(n0, n1):
+                    out[m, n] = _epilogue(out[m, n], scale, bias, n)
 
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
@@ -690,9 +696,7 @@ def small_matmul(x, w, bias=None):
     if w.flags.c_contiguous:
         matvec(x, w, out, NONE, NONE if bias is None else bias)
     elif w.T.flags.c_contiguous:
-        matvec_t(x, w.T, out)
-        if bias is not None:
-            out += bias
+        matvec_t(x, w.T, out, NONE, NONE if bias is None else bias)
     else:
         return None
     return out

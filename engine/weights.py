@@ -179,15 +179,9 @@ class Packed:
         compiled GEMV."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], self.shape[1]), np.float32)
-        if not self.per_row:   # the scale and the bias applied as the sums are stored
-            kernels.matvec(x, self.bits, out, kernels.NONE if self.scale is None else self.scale,
-                           kernels.NONE if bias is None else bias)
-            return out
-        kernels.matvec_t(x, self.bits, out)
-        if self.scale is not None:
-            out *= self.scale
-        if bias is not None:
-            out += bias
+        scale = kernels.NONE if self.scale is None else self.scale   # applied as the sums are stored
+        (kernels.matvec_t if self.per_row else kernels.matvec)(
+            x, self.bits, out, scale, kernels.NONE if bias is None else bias)
         return out
 
     def __rmatmul__(self, x: np.ndarray) -> np.ndarray:

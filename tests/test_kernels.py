@@ -50,12 +50,14 @@ def test_matvec_kernels_match_numpy(M, K, N, dtype):
             assert np.abs(out - want).max() / scale < 1e-5, (split, threads)
     # the epilogue: a per-column scale, a bias, or both, applied as the sums are stored
     s, b = rng.uniform(0.5, 2, N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
-    for split in (kernels._matvec_rows, kernels._matvec_cols):
+    splits = (lambda *a: kernels._matvec_rows(*a[:3], 2, *a[3:]), lambda *a: kernels._matvec_cols(*a[:3], 2, *a[3:]),
+              lambda x, w, *a: kernels.matvec_t(x, np.ascontiguousarray(w.T), *a))
+    for split in splits:
         for sc, bi in ((s, kernels.NONE), (kernels.NONE, b), (s, b)):
-            split(x, bits, out, 2, sc, bi)
+            split(x, bits, out, sc, bi)
             exp = want * (sc if sc.size else 1) + (bi if bi.size else 0)
             assert np.abs(out - exp).max() / (np.abs(exp).max() + 1e-30) < 1e-5, (split, sc.size, bi.size)
-    kernels.matvec_t(x, np.ascontiguousarray(bits.T), out)
+    kernels.matvec_t(x, np.ascontiguousarray(bits.T), out, kernels.NONE, kernels.NONE)
     assert np.abs(out - want).max() / scale < 1e-5
     buf = np.empty((K, N), np.float32)
     kernels.widen_into(bits, buf)
