@@ -10,6 +10,10 @@ bandwidth measured in the same run divided by the bytes that dtype reads per dec
 roofline" against the bandwidth measured just before that dtype's run; their medians over
 repeats are shown, with min-max: these machines' memory speed drifts in phases of minutes, so
 a bandwidth measured once per repeat put some GPT-J-width runs at 105-140% of their roofline.
+Then the same dtypes again, interleaved in one process (--interleaved-repeats; run_one's
+interleaved: one token of each dtype in turn), where no phase of the memory speed can fall on
+one dtype's run and not another's; there each dtype's roofline uses the higher of the read
+bandwidths measured before and after its repeat.
 Results go to bench/results/backends.json and .md (and a plot with --plot).
 """
 
@@ -80,6 +84,33 @@ def dtype_table(shape: str, models: dict, threads: int, repeats: int, prompt: in
     return {"shape": shape, "threads": threads, "read_bandwidth": med(bw), "read_bandwidth_runs": bw, "rows": rows}
 
 
+def interleaved_table(shape: str, models: dict, threads: int, repeats: int, prompt: int, new: int) -> dict:
+    """The dtypes decoding token by token in turn in one process: ratios paired within each
+    repeat, each repeat's roofline at the higher of the bandwidths measured around it."""
+    from gptcpu.engine.info import account, config_of
+
+    dts = list(models)
+    x = run(["--interleave", *(str(models[dt]) for dt in dts), "--threads", str(threads),
+             "--repeats", str(repeats), "--prompt", str(prompt), "--new", str(new)])
+    nbytes = account(config_of(str(models["f32"])))["decode_bytes_per_token"]
+    bw = [max(pair) for pair in x["read_bandwidth"]]
+    f32 = dts.index("f32")
+    rows = {}
+    for i, dt in enumerate(dts):
+        decode, prefill = x["decode_tok_s"][i], x["prefill_tok_s"][i]
+        rows[dt] = {"decode": med(decode), "prefill": med(prefill),
+                    "roofline": statistics.median(bw) / nbytes[dt],
+                    "decode_vs_f32": med([d / f for d, f in zip(decode, x["decode_tok_s"][f32])]),
+                    "prefill_vs_f32": med([p / f for p, f in zip(prefill, x["prefill_tok_s"][f32])]),
+                    "of_roofline": med([d / (b / nbytes[dt]) for d, b in zip(decode, bw)]),
+                    "runs": {"decode": decode, "prefill": prefill},
+                    "same_tokens_as_f32": x["tokens"][i] == x["tokens"][f32]}
+        print(f"{shape} {dt} interleaved: decode {rows[dt]['decode']['median']:.1f} tok/s", file=sys.stderr)
+    return {"shape": shape, "threads": threads, "interleaved": True,
+            "read_bandwidth": med([b for pair in x["read_bandwidth"] for b in pair]),
+            "read_bandwidth_runs": x["read_bandwidth"], "rows": rows}
+
+
 def matrix(shape: str, models: dict, dtypes, prompt: int, new: int) -> list[dict]:
     out = []
     for dt in dtypes:
@@ -98,7 +129,9 @@ def render(tables: list[dict], mat: list[dict]) -> str:
     lines = []
     for t in tables:
         bw = t["read_bandwidth"]
-        lines += [f"**{t['shape']}**, batch 1, {t['threads']} threads, OpenBLAS; read bandwidth "
+        how = ("interleaved in one process, a token of each dtype in turn" if t.get("interleaved")
+               else "each run in its own process")
+        lines += [f"**{t['shape']}**, batch 1, {t['threads']} threads, OpenBLAS, {how}; read bandwidth "
                   f"{bw['median'] / 1e9:.1f} GB/s ({bw['min'] / 1e9:.1f}-{bw['max'] / 1e9:.1f})", "",
                   "| weights | prefill tok/s | vs f32 | decode tok/s | vs f32 | roofline | of roofline | tokens = f32 |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -125,13 +158,17 @@ def plot(tables: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4), squeeze=False)
-    for ax, t in zip(axes[0], tables):
+    cols = min(2, len(tables))
+    rows = (len(tables) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(tables):]:
+        ax.axis("off")
+    for ax, t in zip(axes.flat, tables):
         dts = list(t["rows"])
         ax.bar(dts, [t["rows"][d]["decode"]["median"] for d in dts], color="tab:blue", label="gptcpu decode")
         ax.scatter(dts, [t["rows"][d]["roofline"] for d in dts], color="tab:red", marker="_", s=800,
                    label="roofline (bandwidth / bytes per token)")
-        ax.set_title(f"{t['shape']}, {t['threads']} threads")
+        ax.set_title(f"{t['shape']}, {t['threads']} threads" + (", interleaved" if t.get("interleaved") else ""))
         ax.set_ylabel("decode tokens/s")
         ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
@@ -145,6 +182,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--interleaved-repeats", type=int, default=3, help="0: no interleaved table")
     ap.add_argument("--matrix", action="store_true", help="also every backend x threading x threads 1, 2")
     ap.add_argument("--matrix-dtypes", default="f32,bf16")
     ap.add_argument("--matrix-only", action="store_true", help="skip the per-dtype tables")
@@ -157,6 +195,9 @@ def main(argv=None) -> None:
         models = folders(shape, args.work)
         if not args.matrix_only:
             tables.append(dtype_table(shape, models, args.threads, args.repeats, args.prompt, args.new))
+            if args.interleaved_repeats:
+                tables.append(interleaved_table(shape, models, args.threads, args.interleaved_repeats,
+                                                args.prompt, args.new))
         if args.matrix or args.matrix_only:
             mat += matrix(shape, models, args.matrix_dtypes.split(","), args.prompt, args.new)
     text = render(tables, mat)

@@ -2,10 +2,12 @@
 
     python -m gptcpu.bench.run_one MODEL [--backend B] [--threading T] [--threads N]
                                    [--prompt 128] [--new 128] [--bandwidth]
+    python -m gptcpu.bench.run_one --interleave MODEL MODEL ... [--repeats 3] [--threads N] ...
 
 Prints one JSON line: load seconds, prefill tokens/s (the prompt's forward pass), decode
 tokens/s (median per-token time from the second new token on) and the greedy tokens.
 --bandwidth instead measures the read bandwidth (np.max over 1 GiB, split across the threads).
+--interleave runs several models in this one process, token by token in turn (see interleaved).
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--bandwidth", action="store_true")
+    ap.add_argument("--interleave", nargs="+", metavar="MODEL")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
+
+    if args.interleave:
+        print(json.dumps(interleaved(args.interleave, args.threads, args.repeats, args.prompt, args.new)))
+        return
 
     if args.bandwidth:
         from threadpoolctl import threadpool_limits
@@ -49,6 +57,45 @@ def main(argv=None) -> None:
     print(json.dumps({"load_s": load_s, "prefill_tok_s": args.prompt / (stamps[0] - t0),
                       "decode_tok_s": 1 / statistics.median(np.diff(stamps)), "tokens": tokens,
                       "dtype": m.config.dtype}))
+
+
+def interleaved(folders: list[str], threads: int, repeats: int, prompt: int, new: int) -> dict:
+    """The models side by side in one process: each repeat prefills each model in turn, then
+    decodes one token of each in turn (the order rotating every step), so that every model's
+    steps sample the same minutes of this machine's drifting memory speed. The read bandwidth
+    is measured before and after each repeat. -> per model: prefill tok/s and decode tok/s (from
+    the median step) per repeat, the greedy tokens; the bandwidths, [before, after] per repeat."""
+    import gptcpu
+    from gptcpu.bench.speed import read_bandwidth
+
+    models = [gptcpu.load(f, threads=threads) for f in folders]
+    n_vocab = min(m.config.n_vocab for m in models)
+    ids = np.random.default_rng(0).integers(0, min(n_vocab, 50257), prompt).tolist()
+    for m in models:
+        list(m.generate(ids[:16], 4))   # compile or load the kernels, start the pools
+    out = {"prefill_tok_s": [[] for _ in models], "decode_tok_s": [[] for _ in models],
+           "tokens": [None] * len(models), "read_bandwidth": []}
+    for r in range(repeats):
+        bw = [read_bandwidth(threads)]
+        gens, tokens = [m.generate(ids, new) for m in models], [[] for _ in models]
+        for i in range(len(models)):
+            i = (i + r) % len(models)
+            t0 = time.perf_counter()
+            tokens[i].append(next(gens[i]))
+            out["prefill_tok_s"][i].append(prompt / (time.perf_counter() - t0))
+        steps = [[] for _ in models]
+        for s in range(new - 1):
+            for i in range(len(models)):
+                i = (i + s) % len(models)
+                t0 = time.perf_counter()
+                tokens[i].append(next(gens[i]))
+                steps[i].append(time.perf_counter() - t0)
+        for i in range(len(models)):
+            out["decode_tok_s"][i].append(1 / statistics.median(steps[i]))
+        out["tokens"] = tokens
+        bw.append(read_bandwidth(threads))
+        out["read_bandwidth"].append(bw)
+    return out
 
 
 if __name__ == "__main__":

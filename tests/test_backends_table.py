@@ -38,3 +38,42 @@ def test_ratios_are_paired_within_each_repeat(monkeypatch, factory):
     assert q8["of_roofline"]["min"] == pytest.approx(per_run[1])
     assert t["read_bandwidth"]["median"] == 3.5e9   # of all six measurements
     assert "2.00x (2.00-3.00)" in backends.render([t], [])
+
+
+def test_interleaved_ratios_and_conservative_roofline(monkeypatch, factory):
+    """The interleaved table pairs each repeat's dtypes, and takes each repeat's roofline at the
+    higher of the two bandwidths measured around it."""
+    folder = factory.converted("gpt2", "f32")
+    calls = []
+
+    def fake_run(args):
+        calls.append(args)
+        return {"decode_tok_s": [[10.0, 20.0, 12.0], [30.0, 40.0, 24.0]],
+                "prefill_tok_s": [[100.0, 100.0, 100.0], [90.0, 95.0, 80.0]],
+                "tokens": [[1, 2], [1, 3]], "read_bandwidth": [[1e9, 2e9], [3e9, 1e9], [1e9, 1e9]]}
+
+    monkeypatch.setattr(backends, "run", fake_run)
+    t = backends.interleaved_table("gpt2", {"f32": folder, "q8": folder}, 2, 3, 8, 8)
+    assert calls[0][:3] == ["--interleave", str(folder), str(folder)] and "--repeats" in calls[0]
+    q8 = t["rows"]["q8"]
+    assert q8["decode_vs_f32"] == {"median": 2.0, "min": 2.0, "max": 3.0}
+    assert q8["prefill_vs_f32"]["median"] == 0.9
+    from gptcpu.engine.info import account, config_of
+    nbytes = account(config_of(str(folder)))["decode_bytes_per_token"]["q8"]
+    per_repeat = [30.0 / (2e9 / nbytes), 40.0 / (3e9 / nbytes), 24.0 / (1e9 / nbytes)]
+    assert q8["of_roofline"]["median"] == pytest.approx(sorted(per_repeat)[1])
+    assert q8["same_tokens_as_f32"] is False and t["rows"]["f32"]["same_tokens_as_f32"] is True
+    assert "interleaved in one process" in backends.render([t], [])
+
+
+def test_run_one_interleaves_models_in_one_process(factory, monkeypatch):
+    """Two real models, token by token in turn: every dtype gets its prefill, its decode steps
+    per repeat and its tokens (the bandwidth measurement stubbed: it reads 1 GiB)."""
+    from gptcpu.bench import run_one, speed
+
+    monkeypatch.setattr(speed, "read_bandwidth", lambda threads: 1e9)
+    folders = [str(factory.converted("gpt2", dt)) for dt in ("f32", "q8")]
+    x = run_one.interleaved(folders, 1, 2, 6, 5)
+    assert [len(r) for r in x["decode_tok_s"]] == [2, 2] and all(v > 0 for r in x["decode_tok_s"] for v in r)
+    assert [len(r) for r in x["prefill_tok_s"]] == [2, 2]
+    assert [len(t) for t in x["tokens"]] == [5, 5] and x["read_bandwidth"] == [[1e9, 1e9]] * 2
