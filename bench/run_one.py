@@ -78,15 +78,15 @@ def interleaved(folders: list[str], threads: int, repeats: int, prompt: int, new
     for r in range(repeats):
         bw = [read_bandwidth(threads)]
         gens, tokens = [m.generate(ids, new) for m in models], [[] for _ in models]
-        for i in range(len(models)):
-            i = (i + r) % len(models)
+        for j in range(len(models)):
+            i = (j + r) % len(models)
             t0 = time.perf_counter()
             tokens[i].append(next(gens[i]))
             out["prefill_tok_s"][i].append(prompt / (time.perf_counter() - t0))
         steps = [[] for _ in models]
         for s in range(new - 1):
-            for i in range(len(models)):
-                i = (i + s) % len(models)
+            for j in range(len(models)):
+                i = (j + s) % len(models)
                 t0 = time.perf_counter()
                 tokens[i].append(next(gens[i]))
                 steps[i].append(time.perf_counter() - t0)
