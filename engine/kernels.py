@@ -16,13 +16,13 @@ overflow f16), subnormals included.
 from __future__ import annotations
 
 import os
-import threading
 
-import numba
 import numpy as np
 from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic, overload
+
+from . import threads
 
 F32 = np.float32
 LAYERS = {"openmp": "omp", "tbb": "tbb", "sequential": "workqueue"}  # our names -> numba's
@@ -211,21 +211,6 @@ def _prefetch_line(w):
     return lambda w: 0
 
 
-_count = threading.local()   # per Python thread (numba's count is too): what set_thread_count gave it
-
-
-def set_thread_count(n: int) -> None:
-    """numba.set_num_threads(n) for the calling Python thread, remembered for thread_count."""
-    numba.set_num_threads(n)
-    _count.n = n
-
-
-def thread_count() -> int:
-    """The kernels' thread count on the calling Python thread. numba.get_num_threads() takes two
-    locks, 0.5 us a call from Python: 49 calls a GPT-2-small decode token."""
-    return getattr(_count, "n", 0) or numba.get_num_threads()
-
-
 NONE = np.empty(0, np.float32)   # matvec: no scale, no bias
 
 
@@ -253,7 +238,7 @@ def matvec(x, w, out, scale=NONE, bias=NONE):
     prefetches: 36-44 GB/s; bf16 36 -> 40; GPT-J-width q8 35 -> 41; f32, whose loads alone keep
     the window full, lost ~12% to them and goes without). Prefetching changes no sum.
     """
-    T = thread_count()
+    T = threads.kernel_threads()
     if w.nbytes <= SMALL:
         _matvec_cols(x, w, out, T, scale, bias)
     else:

@@ -12,7 +12,7 @@ from .errors import GptcpuError
 
 _limits = None  # kept alive: the limits hold for the life of the process
 _count: int | None = None  # what set_threads asked for, for apply()
-_applied = threading.local()  # per Python thread: the _count that apply() last gave it
+_applied = threading.local()  # per Python thread: the kernels' count this module gave numba there
 
 
 def set_threads(n: int) -> None:
@@ -20,12 +20,12 @@ def set_threads(n: int) -> None:
     global _limits, _count
     import numba
 
-    from . import blas, kernels
+    from . import blas
 
     if n < 1:
         raise GptcpuError(f"--threads must be at least 1, got {n}")
     try:  # first: starting numba's layer may load an OpenMP runtime that threadpoolctl then sees
-        kernels.set_thread_count(min(n, numba.config.NUMBA_NUM_THREADS))
+        _give_numba(min(n, numba.config.NUMBA_NUM_THREADS))
     except ValueError as e:  # the threading layer asked for cannot load
         raise GptcpuError(f"numba cannot start its {numba.config.THREADING_LAYER} threading layer: "
                           f"{str(e).splitlines()[0]}") from None
@@ -41,13 +41,32 @@ def apply() -> None:
     of --threads 1 on two cores then ran two threads each, spinning against each other (serve,
     8 clients: 36.3 tok/s; with this, 152.6). Every forward pass calls this, so it remembers,
     per thread, what it has set (numba.get_num_threads takes two locks: ~8 us a decode step)."""
-    if _count is not None and getattr(_applied, "count", None) != _count:
+    if _count is not None:
         import numba
 
-        from . import kernels
+        n = min(_count, numba.config.NUMBA_NUM_THREADS)
+        if getattr(_applied, "count", None) != n:
+            _give_numba(n)
 
-        kernels.set_thread_count(min(_count, numba.config.NUMBA_NUM_THREADS))
-        _applied.count = _count
+
+def _give_numba(n: int) -> None:
+    """numba.set_num_threads(n) for the calling Python thread, remembered for kernel_threads."""
+    import numba
+
+    numba.set_num_threads(n)
+    _applied.count = n
+
+
+def kernel_threads() -> int:
+    """The kernels' thread count on the calling Python thread, as set_threads or apply gave it
+    (numba's own answer where neither has run). numba.get_num_threads() takes two locks, 0.5 us
+    a call from Python, and matvec asks on each of a GPT-2-small token's 49 matrices."""
+    n = getattr(_applied, "count", None)
+    if n is None:
+        import numba
+
+        return numba.get_num_threads()
+    return n
 
 
 def available_cpus() -> int:

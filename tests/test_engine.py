@@ -312,7 +312,7 @@ def test_threads_hold_in_every_thread_that_runs_the_model(demo_engine):
 
     import numba
 
-    from gptcpu.engine import kernels
+    from gptcpu.engine import threads
     from gptcpu.engine.threads import set_threads
 
     set_threads(1)
@@ -322,7 +322,7 @@ def test_threads_hold_in_every_thread_that_runs_the_model(demo_engine):
         seen.append(numba.get_num_threads())     # a fresh thread starts with numba's default
         list(demo_engine.generate([1, 2, 3], 2))
         seen.append(numba.get_num_threads())
-        seen.append(kernels.thread_count())      # what matvec splits by, without numba's locks
+        seen.append(threads.kernel_threads())    # what matvec splits by, without numba's locks
 
     t = threading.Thread(target=work)
     t.start()
