@@ -55,6 +55,18 @@ def med(xs):
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
+def row(decode, prefill, f32_decode, f32_prefill, bandwidths, nbytes, same_tokens) -> dict:
+    """One dtype's line, from its runs and f32's paired with them (one of each per repeat) and
+    the bandwidth each of its runs is held against: medians (min-max) of the paired ratios."""
+    return {"decode": med(decode), "prefill": med(prefill),
+            "roofline": statistics.median(bandwidths) / nbytes,
+            "decode_vs_f32": med([d / f for d, f in zip(decode, f32_decode)]),
+            "prefill_vs_f32": med([p / f for p, f in zip(prefill, f32_prefill)]),
+            "of_roofline": med([d / (b / nbytes) for d, b in zip(decode, bandwidths)]),
+            "runs": {"decode": decode, "prefill": prefill, "read_bandwidth": bandwidths},
+            "same_tokens_as_f32": same_tokens}
+
+
 def dtype_table(shape: str, models: dict, threads: int, repeats: int, prompt: int, new: int) -> dict:
     from gptcpu.engine.info import account, config_of
 
@@ -67,20 +79,14 @@ def dtype_table(shape: str, models: dict, threads: int, repeats: int, prompt: in
             bws[dt].append(bw[-1])
             runs[dt].append(run([str(folder), "--threads", str(threads), "--prompt", str(prompt), "--new", str(new)]))
             print(f"{shape} {dt} repeat {r}: decode {runs[dt][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
-    a = account(config_of(str(models["f32"])))
-    bandwidth = statistics.median(bw)
-    rows = {}
-    for dt, rs in runs.items():
-        decode, prefill = [x["decode_tok_s"] for x in rs], [x["prefill_tok_s"] for x in rs]
-        nbytes = a["decode_bytes_per_token"][dt]
-        # ratios within each repeat (its dtypes ran back to back), each run against the bandwidth
-        # measured just before it, then their median: this machine's memory speed drifts
-        rows[dt] = {"decode": med(decode), "prefill": med(prefill), "roofline": bandwidth / nbytes,
-                    "decode_vs_f32": med([d / f["decode_tok_s"] for d, f in zip(decode, runs["f32"])]),
-                    "prefill_vs_f32": med([p / f["prefill_tok_s"] for p, f in zip(prefill, runs["f32"])]),
-                    "of_roofline": med([d / (b / nbytes) for d, b in zip(decode, bws[dt])]),
-                    "runs": {"decode": decode, "prefill": prefill, "read_bandwidth": bws[dt]},
-                    "same_tokens_as_f32": rs[0]["tokens"] == runs["f32"][0]["tokens"]}
+    nbytes = account(config_of(str(models["f32"])))["decode_bytes_per_token"]
+    f32 = runs["f32"]
+    # ratios within each repeat (its dtypes ran back to back), each run against the bandwidth
+    # measured just before it, then their median: this machine's memory speed drifts
+    rows = {dt: row([x["decode_tok_s"] for x in rs], [x["prefill_tok_s"] for x in rs],
+                    [x["decode_tok_s"] for x in f32], [x["prefill_tok_s"] for x in f32], bws[dt], nbytes[dt],
+                    rs[0]["tokens"] == f32[0]["tokens"])
+            for dt, rs in runs.items()}
     return {"shape": shape, "threads": threads, "read_bandwidth": med(bw), "read_bandwidth_runs": bw, "rows": rows}
 
 
@@ -97,14 +103,8 @@ def interleaved_table(shape: str, models: dict, threads: int, repeats: int, prom
     f32 = dts.index("f32")
     rows = {}
     for i, dt in enumerate(dts):
-        decode, prefill = x["decode_tok_s"][i], x["prefill_tok_s"][i]
-        rows[dt] = {"decode": med(decode), "prefill": med(prefill),
-                    "roofline": statistics.median(bw) / nbytes[dt],
-                    "decode_vs_f32": med([d / f for d, f in zip(decode, x["decode_tok_s"][f32])]),
-                    "prefill_vs_f32": med([p / f for p, f in zip(prefill, x["prefill_tok_s"][f32])]),
-                    "of_roofline": med([d / (b / nbytes[dt]) for d, b in zip(decode, bw)]),
-                    "runs": {"decode": decode, "prefill": prefill},
-                    "same_tokens_as_f32": x["tokens"][i] == x["tokens"][f32]}
+        rows[dt] = row(x["decode_tok_s"][i], x["prefill_tok_s"][i], x["decode_tok_s"][f32], x["prefill_tok_s"][f32],
+                       bw, nbytes[dt], x["tokens"][i] == x["tokens"][f32])
         print(f"{shape} {dt} interleaved: decode {rows[dt]['decode']['median']:.1f} tok/s", file=sys.stderr)
     return {"shape": shape, "threads": threads, "interleaved": True,
             "read_bandwidth": med([b for pair in x["read_bandwidth"] for b in pair]),
