@@ -1,5 +1,5 @@
-"""Compiled kernels for decode: GEMV over weights of any dtype (low-precision ones converted in
-registers, never in memory) and attention over a KV cache.
+"""Compiled kernels: GEMV (decode) and GEMM (prefill) over weights of any dtype, low-precision
+ones converted in registers, never in memory; attention over a KV cache; layer norm, GELU.
 
 A decode step reads every weight once, so its speed is bandwidth / bytes per weight: bf16 and
 f16 weights read half the bytes of f32, int8 a quarter. BLAS has no fast half-precision GEMV on
@@ -8,7 +8,8 @@ most CPUs and NumPy's casts run near 1 GB/s, so these loops are compiled with nu
 
 Weights are passed as raw bits, their NumPy type saying what they hold: bf16 as uint16, f16 as
 int16 (a view of the float16 bits), q8 as int8 (its per-output-channel scale applied after),
-f32 as float32. All of decode runs on this one thread pool (prefill's GEMMs on the BLAS's).
+f32 as float32. All of decode runs on this one thread pool, and so do prefill's GEMMs over
+low-precision weights (f32 weights' prefill GEMMs run on the BLAS).
 f16 bits are widened exactly for every finite value (the converter refuses weights that
 overflow f16), subnormals included.
 """
@@ -554,11 +555,6 @@ def layer_norm(x, w, b, eps, out):
             o[j] = (row[j] - mu) * inv * w[j] + b[j]
 
 
-LANES = 16   # widen_into: floats per 64-byte line
-STAGE = 1024  # widen_into: floats widened at a time into a 4 KB block in L1, then streamed out
-#                (GPT-J width's 8 bf16 matrices: 102 ms; 4096 floats: 142; widening in IR: 105)
-
-
 # tanh as Eigen's 13/6-degree rational function (a couple of ulp of tanh on [-9, 9], +-1 beyond)
 _TANH_P = tuple(F32(c) for c in (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
                                  5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
@@ -589,10 +585,44 @@ def gelu_tanh(x):
         x[i] = F32(0.5) * v * (F32(1) + p / q)
 
 
+def _vector_lanes() -> int:
+    """float32 lanes of the widest vector registers numba compiles for: 16 (AVX-512), 8 (AVX), 4."""
+    import numba
+    from llvmlite import binding
+
+    if numba.config.CPU_FEATURES is not None:   # NUMBA_CPU_FEATURES: compiling for another CPU
+        features = {f[1:] for f in numba.config.CPU_FEATURES.split(",") if f.startswith("+")}
+    else:
+        features = {k for k, on in binding.get_host_cpu_features().items() if on}
+    return 16 if "avx512f" in features else 8 if "avx" in features else 4
+
+
+LANES = _vector_lanes()
+NR = 2 * LANES          # gemm: columns of one micro-panel: two vector registers
+MR = 8 if LANES == 16 else 6  # gemm: rows of x per tile; MR x 2 accumulators fill half or more of the registers
+KC = 128                # gemm: rows of w per panel: a micro-panel (KC x NR f32) stays in L1
+NC = 512                # gemm: columns of w per panel at most: a panel (KC x NC f32, 256 KB) stays in L2
+PD = 8                  # gemm: rows of w ahead that the packing prefetches
+
+
+def _widen_vector(builder, v, dtype, n):
+    """LLVM IR: n stored weights (a vector of their storage type) -> <n x float>."""
+    from llvmlite import ir
+
+    f32v = ir.VectorType(ir.FloatType(), n)
+    if dtype == types.float32:
+        return v
+    if dtype == types.int8:
+        return builder.sitofp(v, f32v)
+    if dtype == types.uint16:   # bf16: the top half of an f32
+        i32v = ir.VectorType(ir.IntType(32), n)
+        return builder.bitcast(builder.shl(builder.zext(v, i32v), ir.Constant(i32v, [16] * n)), f32v)
+    return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), n)), f32v)   # f16 (F16C)
+
+
 @intrinsic
-def _stream_line(typingctx, src, i, dst, j):
-    """dst[j:j+LANES] = src[i:i+LANES] (float32), stored past the caches (a non-temporal store;
-    &dst[j] must be 64-byte aligned). Callers end with _store_fence."""
+def _widen_nr(typingctx, src, i, dst, j):
+    """dst[j:j+NR] = widen(src[i:i+NR]): one row of a micro-panel, as vectors (dst[j] aligned)."""
     sig = types.void(src, i, dst, j)
 
     def codegen(context, builder, signature, args):
@@ -600,76 +630,195 @@ def _stream_line(typingctx, src, i, dst, j):
         from numba.core import cgutils
 
         sty, _, dty, _ = signature.args
-        vec = ir.VectorType(ir.FloatType(), LANES).as_pointer()
-
-        def line(ty, ary, k):   # a pointer to the LANES floats from ary[k]
-            a = context.make_array(ty)(context, builder, ary)
-            return builder.bitcast(cgutils.get_item_pointer(context, builder, ty, a, [k], wraparound=False), vec)
-
-        store = builder.store(builder.load(line(sty, args[0], args[1]), align=4), line(dty, args[2], args[3]), align=64)
-        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        S = context.make_array(sty)(context, builder, args[0])
+        D = context.make_array(dty)(context, builder, args[2])
+        elem = context.get_data_type(sty.dtype)
+        ps = cgutils.get_item_pointer(context, builder, sty, S, [args[1]], wraparound=False)
+        v = builder.load(builder.bitcast(ps, ir.VectorType(elem, NR).as_pointer()), align=1)
+        v = _widen_vector(builder, v, sty.dtype, NR)
+        pd = cgutils.get_item_pointer(context, builder, dty, D, [args[3]], wraparound=False)
+        builder.store(v, builder.bitcast(pd, v.type.as_pointer()), align=min(64, 4 * NR))
         return context.get_dummy_value()
 
     return sig, codegen
 
 
-@intrinsic
-def _store_fence(typingctx):
-    """Order the non-temporal stores before everything after (they are weakly ordered, and the
-    BLAS's threads on other cores read what they wrote next): SFENCE on x86, a full fence elsewhere."""
-    def codegen(context, builder, signature, args):
-        import platform
+def _pack_row(src, i, dst, j):
+    """dst[j:j+NR] = widen(src[i:i+NR])."""
 
+
+@overload(_pack_row, inline="always")
+def _pack_row_impl(src, i, dst, j):
+    if src.dtype == types.int16 and not _F16C:   # no vector half type without F16C: one by one
+        def scalar(src, i, dst, j):
+            for n in range(NR):
+                dst[j + n] = widen(src[i + n])
+        return scalar
+    return lambda src, i, dst, j: _widen_nr(src, i, dst, j)
+
+
+@intrinsic
+def _tile(typingctx, xp, xo, wp, wo, kc, c, co, ldc, first):
+    """The micro-kernel: c[co + r*ldc + j] = (0 if first else c[...]) + sum over k < kc of
+    xp[xo + k*MR + r] * wp[wo + k*NR + j], for r < MR, j < NR (kc >= 1, wp[wo] vector-aligned).
+
+    Written in LLVM IR so that the MR x 2 sums live in vector registers for the whole loop
+    (SSA values through phi nodes; numba's arrays would go through memory): per k, two vector
+    loads of w, MR broadcasts of x and 2 MR fused multiply-adds."""
+    sig = types.void(xp, xo, wp, wo, kc, c, co, ldc, first)
+
+    def codegen(context, builder, signature, args):
         from llvmlite import ir
         from numba.core import cgutils
 
-        if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
-            builder.call(fn, [])
-        else:
-            builder.fence("seq_cst")
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        vec = ir.VectorType(ir.FloatType(), LANES)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{LANES}f32")
+
+        def at(n, off):   # &array n [off]
+            return builder.gep(context.make_array(signature.args[n])(context, builder, args[n]).data, [off])
+
+        X, W, C = at(0, args[1]), at(2, args[3]), at(5, args[6])
+        kc, ldc, const = args[4], args[7], (lambda n: ir.Constant(i64, n))
+        first = builder.icmp_unsigned("!=", args[8], ir.Constant(args[8].type, 0))
+        out = [[builder.bitcast(builder.gep(C, [builder.add(builder.mul(const(r), ldc), const(h * LANES))]), vec.as_pointer())
+                for h in range(2)] for r in range(MR)]
+        zero = ir.Constant(vec, [0.0] * LANES)
+        init = [[builder.select(first, zero, builder.load(p, align=4)) for p in row] for row in out]
+        entry, loop, done = builder.block, builder.append_basic_block("tile.k"), builder.append_basic_block("tile.done")
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        acc = [[builder.phi(vec) for _ in range(2)] for _ in range(MR)]
+        wk = builder.gep(W, [builder.mul(k, const(NR))])
+        w0 = builder.load(builder.bitcast(wk, vec.as_pointer()), align=4 * LANES)
+        w1 = builder.load(builder.bitcast(builder.gep(wk, [const(LANES)]), vec.as_pointer()), align=4 * LANES)
+        xk = builder.gep(X, [builder.mul(k, const(MR))])
+        every = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+        new = []
+        for r in range(MR):
+            b = builder.insert_element(ir.Constant(vec, ir.Undefined), builder.load(builder.gep(xk, [const(r)]), align=4),
+                                       ir.Constant(i32, 0))
+            b = builder.shuffle_vector(b, ir.Constant(vec, ir.Undefined), every)
+            new.append([builder.call(fma, [b, w0, acc[r][0]]), builder.call(fma, [b, w1, acc[r][1]])])
+        k1 = builder.add(k, const(1))
+        k.add_incoming(const(0), entry)
+        k.add_incoming(k1, loop)
+        for r in range(MR):
+            for h in range(2):
+                acc[r][h].add_incoming(init[r][h], entry)
+                acc[r][h].add_incoming(new[r][h], loop)
+        builder.cbranch(builder.icmp_signed("<", k1, kc), loop, done)
+        builder.position_at_end(done)
+        for r in range(MR):
+            for h in range(2):
+                builder.store(new[r][h], out[r][h], align=4)
         return context.get_dummy_value()
 
-    return types.void(), codegen
+    return sig, codegen
 
 
-@njit(fastmath=True, boundscheck=False, cache=True, nogil=True)
-def _widen_flat(src, dst):
-    """dst = widen(src), 1-D: `widen` into an L1 staging block, then its lines to dst streamed."""
-    n = src.shape[0]
-    i = min(n, (64 - dst.ctypes.data % 64) % 64 // 4)   # up to the first 64-byte line of dst
-    for j in range(i):
-        dst[j] = widen(src[j])
-    stage = np.empty(STAGE, np.float32)
-    while i + LANES <= n:
-        m = min(STAGE, (n - i) // LANES * LANES)
-        part = src[i:i + m]
-        for j in range(m):
-            stage[j] = widen(part[j])
-        for j in range(0, m, LANES):
-            _stream_line(stage, j, dst, i + j)
-        i += m
-    for j in range(i, n):
-        dst[j] = widen(src[j])
-    _store_fence()
+def gemm(x, w, out, scale=NONE, bias=NONE):
+    """out[M, N] = x[M, K] @ w[K, N] (* scale[N]) (+ bias[N]) for prefill, w in its stored bits
+    (bf16, f16, q8, or f32), widened as it is packed, never into a matrix in memory.
+
+    BLIS's plan: each thread owns panels of KC rows x up to NC columns of w; it widens one into
+    f32 micro-panels of NR columns (256 KB, in its L2), then runs the MR x NR micro-kernel
+    (_tile) over every MR rows of x (packed once, MR values per k) with one micro-panel in L1.
+    Rows of w are prefetched PD rows ahead as they are packed (each panel row is on another
+    page). Against widening w into memory for OpenBLAS's sgemm (what prefill did before), 2
+    threads, 128 rows, medians of 6, in one process: GPT-J width's [4096, 28672] 100.8 ->
+    80.7 ms at bf16, 102.3 -> 78.8 at q8 (sgemm on the f32 matrix: 96-99); [20480, 4096] 69.7
+    -> 59.8 and 57.9 (sgemm 71); GPT-2-small's [3072, 768] 4.6 -> 1.6 (sgemm 1.9).
+    Each output's sum runs over k in order, in KC-row blocks; no result depends on M or on
+    the thread count. A transposed w (an embedding table [N, K] read as the tied head): gemm_t.
+    """
+    _gemm(x, w, out, scale, bias, False, threads.kernel_threads())
 
 
-def widen_into(w, out):
-    """out[K, N] f32 = w[K, N] widened, for prefill's sgemm (both C-contiguous).
+def gemm_t(x, wt, out, scale=NONE, bias=NONE):
+    """gemm with w = wt.T, wt [N, K] C-contiguous (the tied LM head over every position)."""
+    _gemm(x, wt, out, scale, bias, True, threads.kernel_threads())
 
-    Its stores bypass the caches: the block (up to Packed.PREFILL_BYTES) is far larger than
-    them, so an ordinary store would first read every line of out from memory only to overwrite
-    it, and would push the GEMM's operands out on the way. GPT-J-width bf16, the 8 weight
-    matrices of 4 layers, one thread: 134 ms with ordinary stores, 97-107 with these; 128-token
-    prefill 0.83-0.86 s -> 0.76-0.80 s (f32 0.65). One thread on purpose: it is a small part of
-    prefill, and a parallel region here leaves numba's workers spinning against the BLAS's
-    threads during the GEMM that follows (GPT-2-small bf16, 2 threads: prefill ran at 523-776
-    tok/s with it, ~1,050 without)."""
-    if out.dtype != np.float32 or out.shape != w.shape or not (w.flags.c_contiguous and out.flags.c_contiguous):
-        raise ValueError("widen_into: out must be float32, w's shape, and both C-contiguous")
-    if out.ctypes.data % 4:
-        raise ValueError("widen_into: out must be float32-aligned")
-    _widen_flat(w.reshape(-1), out.reshape(-1))
+
+@njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
+def _gemm(x, w, out, scale, bias, transposed, T):
+    M, K = x.shape
+    N = w.shape[0] if transposed else w.shape[1]
+    nib = (M + MR - 1) // MR
+    xp = np.empty(nib * K * MR, np.float32)   # x packed: per MR rows, MR values per k
+    for t in prange(T):
+        for ib in range(t, nib, T):
+            for k in range(K):
+                for r in range(MR):
+                    m = ib * MR + r
+                    xp[(ib * K + k) * MR + r] = x[m, k] if m < M else np.float32(0)
+    npan = T * ((N + T * NC - 1) // (T * NC))   # panels: a multiple of T, of equal width
+    nc = ((N + npan - 1) // npan + NR - 1) // NR * NR
+    npan = (N + nc - 1) // nc
+    nmp = nc // NR
+    ps = KC * NR + 16       # a micro-panel's floats, one line more (each starts on a new L1 set)
+    buffers = np.empty((T, ps * nmp + 16), np.float32)
+    tiles = np.empty((T, MR * NR + 16), np.float32)
+    for t in prange(T):
+        raw = buffers[t]
+        start = (64 - raw.ctypes.data % 64) % 64 // 4
+        wb = raw[start:start + ps * nmp]
+        ct = tiles[t]
+        for p in range(t, npan, T):
+            j0 = p * nc
+            jn = min(N, j0 + nc)
+            for k0 in range(0, K, KC):
+                kk = min(K, k0 + KC) - k0
+                if transposed:   # w[k, j] = wt[j, k]: read along each row of wt, columns of w
+                    for mp in range(nmp):
+                        for j in range(NR):
+                            c = j0 + mp * NR + j
+                            if c < jn:
+                                src = w[c, k0:k0 + kk]
+                                for k in range(kk):
+                                    wb[mp * ps + k * NR + j] = widen(src[k])
+                            else:
+                                for k in range(kk):
+                                    wb[mp * ps + k * NR + j] = np.float32(0)
+                else:
+                    for k in range(k0, k0 + kk):
+                        row = w[k]
+                        if k + PD < K:
+                            ahead = w[k + PD]
+                            for j in range(j0, jn, 64 // ahead.itemsize):
+                                _prefetch(ahead, j)
+                        for mp in range(nmp):
+                            c0, b = j0 + mp * NR, mp * ps + (k - k0) * NR
+                            if c0 + NR <= jn:
+                                _pack_row(row, c0, wb, b)
+                            else:
+                                for j in range(NR):
+                                    wb[b + j] = widen(row[c0 + j]) if c0 + j < jn else np.float32(0)
+                last = k0 + kk == K
+                for mp in range(nmp):
+                    c0 = j0 + mp * NR
+                    cols = min(NR, jn - c0)
+                    if cols <= 0:
+                        break
+                    for ib in range(nib):
+                        i0 = ib * MR
+                        rows = min(MR, M - i0)
+                        if rows == MR and cols == NR and out.strides[1] == 4:
+                            _tile(xp, (ib * K + k0) * MR, wb, mp * ps, kk, out[i0], c0, out.strides[0] // 4, k0 == 0)
+                        else:   # an edge tile: through a scratch tile
+                            for r in range(MR):
+                                for j in range(NR):
+                                    ct[r * NR + j] = out[i0 + r, c0 + j] if k0 > 0 and r < rows and j < cols else np.float32(0)
+                            _tile(xp, (ib * K + k0) * MR, wb, mp * ps, kk, ct, 0, NR, False)
+                            for r in range(rows):
+                                for j in range(cols):
+                                    out[i0 + r, c0 + j] = ct[r * NR + j]
+                        if last and (scale.size or bias.size):
+                            for r in range(rows):
+                                o = out[i0 + r]
+                                for j in range(c0, c0 + cols):
+                                    o[j] = _epilogue(o[j], scale, bias, j)
 
 
 def small_matmul(x, w, bias=None):

@@ -8,6 +8,7 @@ every linear layer is `x @ w + b`. Everything stays float32: no float64 on the h
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from pathlib import Path
@@ -36,16 +37,12 @@ def linear(x, w, b=None):  # [N, in], [in, out], [out] -> [N, out], a fresh arra
     # so does an f32 w at decode (1 to 8 rows): BLAS's sgemm handles 2-8 rows badly, and a
     # decode step that ran both BLAS's threads and the kernels' (attention) would have each
     # pool spinning against the other (GPT-2-small at batch 1, 2 threads: 32 ms/step, 13.5 with one)
-    decode = len(x) <= Packed.MATVEC_ROWS
     if isinstance(w, Packed):
-        if decode:
-            return w.matvec(x, b)   # (the bias added in the kernel)
-        y = x @ w
-    else:
-        y = kernels.small_matmul(np.ascontiguousarray(x), w, b) if decode and w.dtype == F32 else None
-        if y is not None:
-            return y
-        y = blas.matmul(x, w)
+        return w.matmul(x, b)   # (the bias added in the kernel)
+    y = kernels.small_matmul(np.ascontiguousarray(x), w, b) if len(x) <= Packed.MATVEC_ROWS and w.dtype == F32 else None
+    if y is not None:
+        return y
+    y = blas.matmul(x, w)
     if b is not None:
         y += b
     return y
@@ -179,6 +176,10 @@ class Model:
         # 1 / sqrt(head_dim), and / (layer + 1) where the config asks (GPT-2's option)
         self.attn_scale = [F32(1 / math.sqrt(config.head_dim) / ((i + 1) if config.scale_attn_by_inverse_layer_idx else 1))
                            for i in range(config.n_layer)]
+        # bf16/f16/q8 weights: every GEMM runs on the kernels' pool, and prefill's attention on
+        # NumPy's BLAS on this thread alone (two pools taking turns wake each other's threads)
+        packed = any(isinstance(t, Packed) for t in weights.values())
+        self._attention_blas = threads.numpy_blas_on_one_thread if packed else contextlib.nullcontext
         self.tokenizer = tokenizer
         self.path = path
         self.act = ACTIVATIONS[config.activation]
@@ -310,7 +311,8 @@ class Model:
             kernels.store_kv(V[slot], t0, np.ascontiguousarray(v[a:b]))
             S = t0 + b - a
             qa = q[a:b].transpose(1, 0, 2)[None]                # [1, H, T, D]
-            out[a:b] = attention(qa, _f32(K[slot], S), _f32(V[slot], S), bias, scale)[0]
+            with self._attention_blas():
+                out[a:b] = attention(qa, _f32(K[slot], S), _f32(V[slot], S), bias, scale)[0]
         return out
 
     def _rotation(self, pos):  # position ids [B, T] -> cos, sin [B, T, 1, R/2], or None (GPT-2)
@@ -367,7 +369,8 @@ class Model:
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, D]
         if cache is not None:
             k, v = cache.update(i, k, v)                        # [B, H, S, D]
-        return attention(q, k, v, bias, self.attn_scale[i]).reshape(B * T, C)
+        with self._attention_blas():
+            return attention(q, k, v, bias, self.attn_scale[i]).reshape(B * T, C)
 
     # -- the public API ---------------------------------------------------------------------
 

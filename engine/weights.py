@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import blas, kernels
+from . import kernels
 from .errors import GptcpuError
 
 # safetensors dtype name -> NumPy dtype of the stored bytes (BF16: raw uint16 bit patterns)
@@ -130,8 +130,8 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
 class Packed:
     """A weight matrix kept as its stored low-precision bits (a view of the file's mmap).
 
-    Decode (a few rows of x) widens it in registers in the compiled GEMV; prefill widens a
-    block of rows at a time into one shared f32 buffer for the BLAS's sgemm.
+    Decode (a few rows of x) widens it in registers in the compiled GEMV; prefill in the
+    compiled GEMM, panel by panel into each core's cache (never into an f32 matrix in memory).
 
     bits: [K, N] for an [in, out] matrix, or [N, K] for an embedding table read as the tied LM
     head (per_row). dtype: "bf16" (uint16 bits), "f16" (int16 view of the float16 bits) or "q8"
@@ -140,9 +140,6 @@ class Packed:
 
     __array_ufunc__ = None   # so that `x @ packed` calls our __rmatmul__
     MATVEC_ROWS = 8          # up to this many rows (decode, small batches): the compiled GEMV
-    # more rows (prefill): widen up to this much f32 at a time, then sgemm. GPT-J-6B's widest
-    # matrix is 470 MB at f32; in 64 MB blocks its bf16 prefill ran at 0.71x f32, in 256 MB 0.80x
-    PREFILL_BYTES = 256 << 20
 
     def __init__(self, bits: np.ndarray, dtype: str, scale: np.ndarray | None = None, per_row: bool = False):
         self.bits = bits.view(np.int16) if dtype == "f16" else bits
@@ -152,16 +149,6 @@ class Packed:
     def shape(self) -> tuple[int, int]:
         """The logical [in, out] shape of the product x @ w."""
         return self.bits.shape[::-1] if self.per_row else self.bits.shape
-
-    _buffer = None  # one widening buffer for every Packed weight (prefill runs one GEMM at a time)
-
-    @classmethod
-    def _scratch(cls, n: int) -> np.ndarray:
-        if cls._buffer is None or cls._buffer.size < n:
-            raw = np.empty(n + 16, np.float32)   # from a 64-byte boundary (widen_into streams whole lines)
-            start = (-raw.ctypes.data % 64) // 4
-            cls._buffer = raw[start:start + n]
-        return cls._buffer
 
     def rows(self, idx) -> np.ndarray:
         """Rows idx of an embedding table as float32 (the gather for token and position vectors)."""
@@ -174,42 +161,20 @@ class Packed:
             out = b.astype(np.float32) * self.scale[idx][..., None]
         return out
 
-    def matvec(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-        """x [M, K] @ self (+ bias) -> [M, N] float32 for M <= MATVEC_ROWS (decode): the
-        compiled GEMV."""
+    def matmul(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """x [M, K] @ self (+ bias) -> [M, N] float32: the compiled GEMV up to MATVEC_ROWS rows
+        (decode), else the compiled GEMM (prefill). Either widens the bits in registers and
+        applies q8's per-channel scale and the bias as it stores the sums."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], self.shape[1]), np.float32)
-        scale = kernels.NONE if self.scale is None else self.scale   # applied as the sums are stored
-        (kernels.matvec_t if self.per_row else kernels.matvec)(
-            x, self.bits, out, scale, kernels.NONE if bias is None else bias)
+        scale = kernels.NONE if self.scale is None else self.scale
+        bias = kernels.NONE if bias is None else bias
+        if x.shape[0] <= self.MATVEC_ROWS:
+            (kernels.matvec_t if self.per_row else kernels.matvec)(x, self.bits, out, scale, bias)
+        else:
+            (kernels.gemm_t if self.per_row else kernels.gemm)(x, self.bits, out, scale, bias)
         return out
 
     def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
         """x [M, K] @ self -> [M, N] float32."""
-        M = x.shape[0]
-        K, N = self.shape
-        if M <= self.MATVEC_ROWS:
-            return self.matvec(x)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.per_row:  # the table's rows c0:c1 are the product's columns c0:c1
-            out = np.empty((M, N), np.float32)
-            rows = max(1, min(N, self.PREFILL_BYTES // (4 * K)))
-            buffer = self._scratch(rows * K)
-            for c0 in range(0, N, rows):
-                c1 = min(N, c0 + rows)
-                block = buffer[:(c1 - c0) * K].reshape(c1 - c0, K)
-                kernels.widen_into(self.bits[c0:c1], block)
-                blas.matmul(x, block.T, out=out[:, c0:c1])
-        else:  # contiguous row blocks of w (they widen 4x faster than column slices), summed
-            rows = max(1, min(K, self.PREFILL_BYTES // (4 * N)))
-            buffer = self._scratch(rows * N)
-            out = None
-            for k0 in range(0, K, rows):
-                k1 = min(K, k0 + rows)
-                block = buffer[:(k1 - k0) * N].reshape(k1 - k0, N)
-                kernels.widen_into(self.bits[k0:k1], block)
-                part = blas.matmul(x[:, k0:k1], block)
-                out = part if out is None else np.add(out, part, out=out)
-        if self.scale is not None:
-            out *= self.scale
-        return out
+        return self.matmul(x)

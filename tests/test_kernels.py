@@ -60,7 +60,7 @@ def test_matvec_kernels_match_numpy(M, K, N, dtype):
     kernels.matvec_t(x, np.ascontiguousarray(bits.T), out, kernels.NONE, kernels.NONE)
     assert np.abs(out - want).max() / scale < 1e-5
     buf = np.empty((K, N), np.float32)
-    kernels.widen_into(bits, buf)
+    kernels.gemm(np.eye(K, dtype=np.float32), bits, buf)   # (every other product is 0: exact)
     np.testing.assert_array_equal(buf, exact)
 
 
@@ -136,26 +136,41 @@ def test_f16_kv_store_without_f16c():
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "f16", "q8"])
-@pytest.mark.parametrize("n", [1, 15, 16, 17, 47, 1000])
-@pytest.mark.parametrize("offset", [0, 1, 5, 15])
-def test_widen_into_streams_any_alignment_and_length(dtype, n, offset):
-    """Prefill's widening writes whole 64-byte lines past the caches: the values before the first
-    line boundary of out, the lines, and the tail must all land, and nothing outside out."""
-    rng = np.random.default_rng(n * 16 + offset)
-    bits, exact = stored(rng.standard_normal((3, n), dtype=np.float32), dtype)
-    raw = np.full(3 * n + 64, -7.0, np.float32)
-    start = (-raw.ctypes.data % 64) // 4 + offset     # out begins `offset` floats past a line boundary
-    out = raw[start:start + 3 * n].reshape(3, n)
-    kernels.widen_into(np.ascontiguousarray(bits), out)
-    np.testing.assert_array_equal(out, exact)
-    assert (raw[:start] == -7).all() and (raw[start + 3 * n:] == -7).all()
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (9, 1, 33), (13, 37, 70), (8, 300, 2 * kernels.NC + 5),
+                                   (2 * kernels.MR, kernels.KC, kernels.NR), (40, 2 * kernels.KC + 3, 3 * kernels.NR + 1)])
+def test_gemm_matches_numpy_on_every_edge(dtype, M, K, N):
+    """The prefill GEMM on shapes around its blocks (MR rows, NR and NC columns, KC rows of w):
+    full and edge tiles, several k-blocks, panels of unequal width, 1-3 threads, w as [K, N] and
+    as the transposed [N, K] table, with and without scale and bias."""
+    rng = np.random.default_rng(M * 1000 + K + N)
+    bits, exact = stored(rng.standard_normal((K, N), dtype=np.float32), dtype)
+    x = rng.standard_normal((M, K), dtype=np.float32)
+    want = x.astype(np.float64) @ exact.astype(np.float64)
+    tol = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(exact).astype(np.float64)).max()
+    s, b = rng.uniform(0.5, 2, N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
+    bt = np.ascontiguousarray(bits.T)
+    for threads in (1, 2, 3):
+        for sc, bi in ((kernels.NONE, kernels.NONE), (s, b)):
+            exp = want * (sc if sc.size else 1) + (bi if bi.size else 0)
+            for w, transposed in ((bits, False), (bt, True)):
+                out = np.full((M, N), np.nan, np.float32)
+                kernels._gemm(x, w, out, sc, bi, transposed, threads)
+                assert np.abs(out - exp).max() <= 2 * tol, (threads, transposed, sc.size)
 
 
-def test_widen_into_refuses_a_mismatched_out():
-    with pytest.raises(ValueError):
-        kernels.widen_into(np.zeros((2, 3), np.uint16), np.empty((3, 2), np.float32))
-    with pytest.raises(ValueError):
-        kernels.widen_into(np.zeros((2, 3), np.uint16), np.empty((2, 6), np.float32)[:, ::2])
+def test_gemm_result_does_not_depend_on_threads_or_rows():
+    """Each output is summed the same way whatever the thread count and whatever other rows
+    share the call: a prompt's numbers do not depend on the machine's cores or its batch."""
+    rng = np.random.default_rng(5)
+    bits, _ = stored(rng.standard_normal((700, 1100), dtype=np.float32), "bf16")
+    x = rng.standard_normal((37, 700), dtype=np.float32)
+    outs = []
+    for threads, rows in ((1, 37), (2, 37), (3, 37), (2, 20)):
+        out = np.empty((rows, 1100), np.float32)
+        kernels._gemm(x[:rows], bits, out, kernels.NONE, kernels.NONE, False, threads)
+        outs.append(out)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0][:len(o)])
 
 
 def test_gelu_tanh_within_1e6_of_the_exact_formula():
@@ -198,7 +213,7 @@ def test_f16_widening_is_exact_for_every_finite_half():
     finite = np.isfinite(bits.view(np.float16))
     bits = bits[finite].reshape(1, -1)
     out = np.empty(bits.shape, np.float32)
-    kernels.widen_into(bits, out)
+    kernels.gemm(np.ones((1, 1), np.float32), bits, out)
     np.testing.assert_array_equal(out, bits.view(np.float16).astype(np.float32))
 
 
@@ -209,7 +224,7 @@ def test_f16_portable_widening_is_exact_too():
     code = ("import numpy as np; from gptcpu.engine import kernels; assert not kernels._F16C; "
             "b = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.int16); "
             "b = b[np.isfinite(b.view(np.float16))].reshape(1, -1); o = np.empty(b.shape, np.float32); "
-            "kernels.widen_into(b, o); assert (o == b.view(np.float16).astype(np.float32)).all()")
+            "kernels.gemm(np.ones((1, 1), np.float32), b, o); assert (o == b.view(np.float16).astype(np.float32)).all()")
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "GPTCPU_NO_F16C": "1", "NUMBA_CACHE_DIR": cache}
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -218,11 +233,8 @@ def test_f16_portable_widening_is_exact_too():
 
 @pytest.mark.parametrize("dtype", ["bf16", "f16", "q8"])
 @pytest.mark.parametrize("M", [1, 8, 9, 40])
-@pytest.mark.parametrize("block_bytes", [256 << 20, 7 * 5000 * 4])
-def test_packed_matmul_every_path(dtype, M, block_bytes, monkeypatch):
-    """Decode (compiled GEMV) and prefill (widen blocks of rows + sgemm, summed) paths, scales,
-    per-row tables, with one block or several (the last one short)."""
-    monkeypatch.setattr(Packed, "PREFILL_BYTES", block_bytes)
+def test_packed_matmul_every_path(dtype, M):
+    """Decode (compiled GEMV) and prefill (compiled GEMM) paths, scales, per-row tables."""
     rng = np.random.default_rng(M)
     K, N = 96, 5000
     w32 = rng.standard_normal((K, N), dtype=np.float32)
