@@ -81,7 +81,10 @@ def numpy_blas_on_one_thread():
     left on NumPy's BLAS (prefill's attention) would otherwise wake its worker threads against
     the kernels' after each call. GPT-2-small bf16, 128-token prefill, 2 threads, alternating
     in one process (medians of 16): 86.1 ms with two BLAS threads, 72.4 like this; level at
-    512 tokens, where attention's GEMMs are larger."""
+    512 tokens, where attention's GEMMs are larger. Only in the main thread: NumPy's
+    OpenBLAS 0.3.31 ignores the count set from any other (under this, a 2048^2 sgemm in a
+    worker thread still used 1.98 CPUs per second of wall time), so serve's scheduler thread
+    keeps both BLAS threads for prompt attention."""
     global _numpy_blas
     if _numpy_blas is None:
         from threadpoolctl import ThreadpoolController

@@ -330,6 +330,23 @@ def test_threads_hold_in_every_thread_that_runs_the_model(demo_engine):
     assert seen == [numba.config.NUMBA_NUM_THREADS, 1, 1]
 
 
+def test_prompt_attention_keeps_numpy_blas_on_one_thread_and_gives_it_back():
+    """Low-precision models run their GEMMs on the kernels' pool and prompt attention on
+    NumPy's BLAS alone: one thread inside, the count before put back after."""
+    from threadpoolctl import threadpool_info
+
+    from gptcpu.engine import threads
+
+    def blas_counts():
+        return [p["num_threads"] for p in threadpool_info() if p["internal_api"] in ("openblas", "blis")]
+
+    before = blas_counts()
+    assert before, "NumPy's BLAS is not OpenBLAS or BLIS here"
+    with threads.numpy_blas_on_one_thread():
+        assert blas_counts() == [1] * len(before)
+    assert blas_counts() == before
+
+
 @needs_mkl
 @pytest.mark.parametrize("backend,threading,expect", [
     ("mkl", "openmp", ["mkl", "(gnu)", "layer omp"]),
