@@ -745,6 +745,13 @@ def gemm_t(x, wt, out, scale=NONE, bias=NONE):
 def _gemm(x, w, out, scale, bias, transposed, T):
     M, K = x.shape
     N = w.shape[0] if transposed else w.shape[1]
+    if M == 0 or N == 0:
+        return
+    if K == 0:   # empty sums
+        for m in range(M):
+            for j in range(N):
+                out[m, j] = _epilogue(np.float32(0), scale, bias, j)
+        return
     nib = (M + MR - 1) // MR
     xp = np.empty(nib * K * MR, np.float32)   # x packed: per MR rows, MR values per k
     for t in prange(T):

@@ -158,6 +158,16 @@ def test_gemm_matches_numpy_on_every_edge(dtype, M, K, N):
                 assert np.abs(out - exp).max() <= 2 * tol, (threads, transposed, sc.size)
 
 
+def test_gemm_on_empty_shapes():
+    """No rows, no columns, or an empty sum (K = 0: the bias alone)."""
+    b = np.arange(5, dtype=np.float32)
+    out = np.full((3, 5), np.nan, np.float32)
+    kernels.gemm(np.empty((3, 0), np.float32), np.empty((0, 5), np.uint16), out, kernels.NONE, b)
+    np.testing.assert_array_equal(out, np.broadcast_to(b, (3, 5)))
+    kernels.gemm(np.empty((0, 4), np.float32), np.ones((4, 5), np.int8), np.empty((0, 5), np.float32))
+    kernels.gemm(np.ones((3, 4), np.float32), np.ones((4, 0), np.int8), np.empty((3, 0), np.float32))
+
+
 def test_gemm_result_does_not_depend_on_threads_or_rows():
     """Each output is summed the same way whatever the thread count and whatever other rows
     share the call: a prompt's numbers do not depend on the machine's cores or its batch."""
