@@ -177,7 +177,8 @@ class Model:
         self.attn_scale = [F32(1 / math.sqrt(config.head_dim) / ((i + 1) if config.scale_attn_by_inverse_layer_idx else 1))
                            for i in range(config.n_layer)]
         # bf16/f16/q8 weights: every GEMM runs on the kernels' pool, and prefill's attention on
-        # NumPy's BLAS on this thread alone (two pools taking turns wake each other's threads)
+        # NumPy's BLAS on this thread alone (two pools taking turns wake each other's threads);
+        # set once per forward pass around its layers, not once per layer
         packed = any(isinstance(t, Packed) for t in weights.values())
         self._attention_blas = threads.numpy_blas_on_one_thread if packed else contextlib.nullcontext
         self.tokenizer = tokenizer
@@ -222,8 +223,9 @@ class Model:
             x += embed(self.w["wpe"], pos)
         x = x.reshape(B * T, c.n_embd)                         # the blocks work on rows
         rot = self._rotation(pos)
-        for i in range(c.n_layer):
-            x = self.block(i, x, lambda i, q, k, v: self.attend(i, q, k, v, cache, bias, rot, B))
+        with self._attention_blas():
+            for i in range(c.n_layer):
+                x = self.block(i, x, lambda i, q, k, v: self.attend(i, q, k, v, cache, bias, rot, B))
         if cache is not None:
             cache.advance(T)
         x = x.reshape(B, T, c.n_embd)
@@ -274,8 +276,9 @@ class Model:
             decoding = (rows if len(dec) < len(ids) else slice(None), slots, ends)
         chunks = [(a, b, slot, t0, self._attention_bias(np.ones((1, t0 + b - a), bool), t0, b - a))
                   for a, b, slot, t0 in spans if b - a > 1]
-        for i in range(c.n_layer):
-            x = self.block(i, x, lambda i, q, k, v: self._attend_slots(i, q, k, v, rot, pool, decoding, chunks), lin)
+        with self._attention_blas() if chunks else contextlib.nullcontext():   # (decode uses no BLAS)
+            for i in range(c.n_layer):
+                x = self.block(i, x, lambda i, q, k, v: self._attend_slots(i, q, k, v, rot, pool, decoding, chunks), lin)
         picked = [np.arange(a, b) if all_logits else np.array([b - 1])
                   for (a, b, _, _), (_, _, all_logits) in zip(spans, parts)]
         for a, b, slot, _ in spans:
@@ -311,8 +314,7 @@ class Model:
             kernels.store_kv(V[slot], t0, np.ascontiguousarray(v[a:b]))
             S = t0 + b - a
             qa = q[a:b].transpose(1, 0, 2)[None]                # [1, H, T, D]
-            with self._attention_blas():
-                out[a:b] = attention(qa, _f32(K[slot], S), _f32(V[slot], S), bias, scale)[0]
+            out[a:b] = attention(qa, _f32(K[slot], S), _f32(V[slot], S), bias, scale)[0]
         return out
 
     def _rotation(self, pos):  # position ids [B, T] -> cos, sin [B, T, 1, R/2], or None (GPT-2)
@@ -369,8 +371,7 @@ class Model:
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, D]
         if cache is not None:
             k, v = cache.update(i, k, v)                        # [B, H, S, D]
-        with self._attention_blas():
-            return attention(q, k, v, bias, self.attn_scale[i]).reshape(B * T, C)
+        return attention(q, k, v, bias, self.attn_scale[i]).reshape(B * T, C)
 
     # -- the public API ---------------------------------------------------------------------
 
