@@ -88,6 +88,28 @@ def test_batch_with_padding_equals_each_prompt_alone(factory, shape):
     np.testing.assert_allclose(padded[1], m.logits(prompts[1])[-1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("shape", ["gpt2", "gptj"])
+def test_prompt_attention_in_query_blocks(factory, shape, monkeypatch):
+    """Prompts longer than a query block (made 3 rows here): logits against the reference, a
+    prompt fed in two chunks to a cache, and a left-padded batch row, as one block would give."""
+    from gptcpu.engine import model as engine_model
+
+    monkeypatch.setattr(engine_model, "QUERY_BLOCK", 3)
+    m = gptcpu.load(factory.converted(shape))
+    ids = prompt(m, 20, seed=5)
+    np.testing.assert_allclose(m.logits(ids), hf_logits(factory.hf_model(shape), ids), atol=1e-4, rtol=0)
+    cache = m.new_cache()
+    chunked = np.concatenate([m.forward(np.array([ids[:7]]), cache)[0], m.forward(np.array([ids[7:]]), cache)[0]])
+    np.testing.assert_allclose(chunked, m.logits(ids), atol=1e-5, rtol=0)
+    short = ids[:8]
+    batch_ids, mask = np.zeros((2, 20), np.int64), np.zeros((2, 20), bool)
+    batch_ids[0, 12:], mask[0, 12:] = short, True
+    batch_ids[1], mask[1] = ids, True
+    padded = m.forward(batch_ids, m.new_cache(2), mask)
+    np.testing.assert_allclose(padded[0, 12:], m.logits(short), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(padded[1], m.logits(ids), atol=1e-5, rtol=0)
+
+
 def test_batch_rows_stop_on_their_own_and_sample_as_alone(factory):
     m = gptcpu.load(factory.converted("gpt2"))
     prompts = [prompt(m, n, seed=10 + n) for n in (4, 9)]
