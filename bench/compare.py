@@ -67,16 +67,20 @@ def prepare(args) -> tuple[Path, str, dict, dict]:
     import gptcpu
     from gptcpu.bench.onnx_export import export
     from gptcpu.convert.sources import resolve
+    from gptcpu.engine.errors import GptcpuError
 
     stacks = args.stacks.split(",")
     if args.source in STANDARD or args.source == "gptj-full":
         if args.source == "gptj-full" and not args.full_gptj:
-            from gptcpu.engine.errors import GptcpuError
             raise GptcpuError("gptj-full is 6B parameters (12 GB in bf16): pass --full-gptj to build it")
         hf_dir, name = build_standard(args.source, args.work), args.source
     else:
         hf_dir, _ = resolve(args.source)
         name = args.source.rstrip("/").split("/")[-1]
+    n_ctx = json.loads((hf_dir / "config.json").read_text()).get("n_positions")
+    if n_ctx and args.prompt + args.new > n_ctx:   # before any stack runs: every one would fail
+        raise GptcpuError(f"--prompt {args.prompt} + --new {args.new} tokens do not fit {name}'s context "
+                          f"of {n_ctx}")
     ours = {}
     for dt in args.dtypes.split(",") if "gptcpu" in stacks else []:
         ours[dt] = args.work / f"gptcpu-{name}-{dt}"

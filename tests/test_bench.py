@@ -50,3 +50,14 @@ def test_bench_bad_arguments_are_one_line_errors(tmp_path):
     assert_one_line_error(run_cli("bench", "gpt2", "--stacks", "gptcpu,tf"), "unknown stack 'tf'")
     assert_one_line_error(run_cli("bench", "gpt2", "--dtypes", "f8"), "unknown dtype 'f8'")
     assert_one_line_error(run_cli("bench", tmp_path / "nope", "--stacks", "gptcpu"), "nope")
+
+
+def test_bench_prompt_past_the_context_is_one_line_error(factory, tmp_path):
+    from test_convert import assert_one_line_error
+
+    source = factory.checkpoint("gpt2")
+    n_ctx = json.loads((source / "config.json").read_text())["n_positions"]
+    r = run_cli("bench", source, "--stacks", "gptcpu", "--dtypes", "f32", "--prompt", str(n_ctx - 3), "--new", "4",
+                "--work", tmp_path / "work")
+    assert_one_line_error(r, f"do not fit {source.name}'s context of {n_ctx}")
+    assert not (tmp_path / "work").exists() or not list((tmp_path / "work").glob("gptcpu-*"))   # nothing converted
