@@ -48,6 +48,20 @@ def linear(x, w, b=None):  # [N, in], [in, out], [out] -> [N, out], a fresh arra
     return y
 
 
+def _gemv(x, m, out):  # x [N <= 8, K] f32 contiguous, m (bits [K, O], q8 scale, bias) -> out = x @ m
+    kernels.matvec(x, m[0], out, m[1], m[2])
+    return out
+
+
+def _decode_arg(layer, name):  # a block's tensor(s) as Model._decode_step takes them, or None
+    if name.startswith("ln_"):
+        return layer[name + ".weight"], layer[name + ".bias"]
+    w, b = layer[name], layer[name.replace("w_", "b_", 1)]
+    if isinstance(w, Packed):
+        return None if w.per_row else (w.bits, kernels.NONE if w.scale is None else w.scale, b)
+    return (w, kernels.NONE, b) if w.dtype == F32 and w.flags.c_contiguous else None
+
+
 def layer_norm(x, w, b, eps):  # [N, C] -> [N, C], a fresh array
     x = np.ascontiguousarray(x, dtype=F32)
     out = np.empty_like(x)
@@ -257,7 +271,8 @@ class Model:
         the weights read once for up to 8 of them) and attend in one compiled call over their
         slots; each prompt chunk has its own GEMMs and attends over its own slot. This is the
         step of continuous batching (gptcpu.engine.batch): members decoding and members
-        prefilling a chunk share it, and no part's numbers depend on the others'.
+        prefilling a chunk share it, and no part's numbers depend on the others'. A step
+        where every part feeds one token (up to 8) runs `_decode_step`, the same numbers.
         """
         c = self.config
         ids = np.concatenate([np.asarray(t, np.int64).reshape(-1) for _, t, _ in parts])
@@ -271,6 +286,8 @@ class Model:
                                   f"{min(pool.capacity, c.n_ctx)}")
             spans.append((start, start + len(t), slot, t0))
             start += len(t)
+        if len(spans) <= Packed.MATVEC_ROWS and all(b - a == 1 for a, b, _, _ in spans) and self._decode_args():
+            return self._decode_step(pool, ids, spans)   # every part one token: the common step
         pos = np.concatenate([np.arange(t0, t0 + b - a) for a, b, _, t0 in spans])
         rot = self._rotation(pos[None])
         x = embed(self.w["wte"], ids)                          # [N, C]
@@ -332,6 +349,86 @@ class Model:
             qa = q[a:b].transpose(1, 0, 2)[None]                # [1, H, T, D]
             out[a:b] = attention(qa, _f32(K[slot], S), _f32(V[slot], S), bias, scale)[0]
         return out
+
+    _decode = None   # _decode_args, once bound
+
+    def _decode_args(self) -> list[tuple] | None:
+        """Per block, the arrays its kernels take in a decode step, bound once: each layer norm
+        as (weight, bias), each weight matrix as (bits, q8 scale or kernels.NONE, bias), in the
+        order `_decode_step` unpacks them. None where a matrix is neither Packed nor
+        C-contiguous float32: decode then goes through `block`, as prefill does."""
+        if self._decode is None:
+            names = ("ln_1", "w_in", "w_out") if self.config.parallel_residual else \
+                    ("ln_1", "attn.w_qkv", "attn.w_o", "ln_2", "mlp.w_in", "mlp.w_out")
+            args = [tuple(_decode_arg(layer, n) for n in names) for layer in self.layers]
+            self._decode = [] if any(a is None for block in args for a in block) else args
+        return self._decode or None
+
+    def _decode_step(self, pool, ids, spans) -> list[np.ndarray]:
+        """forward_ragged where every part feeds one token, at most Packed.MATVEC_ROWS of them
+        (generation's decode step, batched or not): what `block` and `_attend_slots`' decode
+        branch do, the same kernels on the same arrays (the same logits and cache, bit for
+        bit), less their layers of Python (`linear`, `Packed.matmul`, the `attend` closure,
+        reshapes and copies that copy nothing, the grouping of rows, fresh outputs): ~12
+        operations a block, not ~40. The Python of a GPT-2-small step, its kernels made no-ops:
+        112 -> 40 us; it costs more in the running step, where the weights streaming through
+        have pushed the interpreter's code and data out of the caches: q8, 2 threads, 3.91 ->
+        3.76 ms a step (one process, the two paths alternating, 64 MB read between steps), and
+        +5-6% decode tok/s interleaved with the f32, bf16 and f16 models (run_one's rounds)."""
+        c = self.config
+        slots = np.array([slot for _, _, slot, _ in spans], np.int64)
+        pos = pool.length[slots]
+        x = embed(self.w["wte"], ids)                          # [N, C]
+        if c.arch == "gpt2":
+            x += embed(self.w["wpe"], pos)
+        x = np.ascontiguousarray(x, dtype=F32)
+        rot, ends = self._rotation(pos[None]), pos + 1
+        N, C, H, D = len(x), c.n_embd, c.n_head, c.head_dim
+        eps = F32(c.layer_norm_epsilon)
+        h, a, y = np.empty((N, C), F32), np.empty((N, H, D), F32), np.empty((N, C), F32)
+        first = self._decode_args()[0][1][0]   # a block's first weight matrix: w_qkv, or GPT-J's w_in
+        u = np.empty((N, first.shape[1]), F32)
+        q, k, v = u[:, :C].reshape(N, H, D), u[:, C:2 * C].reshape(N, H, D), u[:, 2 * C:3 * C].reshape(N, H, D)
+        if N > 1:   # (one row's q, k and v are already contiguous)
+            q, k, v = (np.empty((N, H, D), F32) for _ in range(3))
+        if not c.parallel_residual:
+            r, mlp = np.empty((N, C), F32), np.empty((N, c.n_inner), F32)
+        for i, args in enumerate(self._decode_args()):
+            if c.parallel_residual:   # GPT-J: attention and MLP both read h
+                (ln_w, ln_b), w_in, w_out = args
+                kernels.layer_norm(x, ln_w, ln_b, eps, h)
+                _gemv(h, w_in, u)                                  # [N, 3C + I]: q | k | v | MLP in
+                self._attend_step(i, u, q, k, v, pool, slots, ends, rot, a)
+                _gemv(np.concatenate([a.reshape(N, C), self.act(u[:, 3 * C:])], -1), w_out, y)
+                y += x
+            else:
+                (ln1_w, ln1_b), w_qkv, w_o, (ln2_w, ln2_b), w_in, w_out = args
+                kernels.layer_norm(x, ln1_w, ln1_b, eps, h)
+                _gemv(h, w_qkv, u)
+                self._attend_step(i, u, q, k, v, pool, slots, ends, rot, a)
+                _gemv(a.reshape(N, C), w_o, r)
+                r += x
+                kernels.layer_norm(r, ln2_w, ln2_b, eps, h)
+                _gemv(h, w_in, mlp)
+                _gemv(self.act(mlp), w_out, y)
+                y += r
+            x, y = y, x   # (the block's input is spent: the next block's output goes there)
+        for s in slots:
+            pool.length[s] += 1
+        logits = self.head(x)
+        return [logits[j:j + 1] for j in range(N)]
+
+    def _attend_step(self, i, u, q, k, v, pool, slots, ends, rot, out):
+        """_decode_step's attention: u [N, >= 3C] holds q | k | v, views of it or, for more than
+        one row, contiguous copies of them -> out [N, H, D]."""
+        if len(u) > 1:
+            C, H, D = self.config.n_embd, self.config.n_head, self.config.head_dim
+            for t, j in ((q, 0), (k, 1), (v, 2)):
+                t[...] = u[:, j * C:(j + 1) * C].reshape(-1, H, D)
+        if rot is not None:
+            rotate_(q[None], *rot)
+            rotate_(k[None], *rot)
+        kernels.attend_decode(q, k, v, pool.k[i], pool.v[i], slots, ends, self.attn_scale[i], out)
 
     def _rotation(self, pos):  # position ids [B, T] -> cos, sin [B, T, 1, R/2], or None (GPT-2)
         if not self.config.rotary_dim:

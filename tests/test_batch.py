@@ -44,6 +44,39 @@ def test_ragged_forward_equals_one_sequence_at_a_time(model):
     np.testing.assert_allclose(step[2][0], model.logits(prompts[2] + [11, 4])[-1], rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8"])
+@pytest.mark.parametrize("shape", ["gpt2", "gptj"])
+def test_decode_step_gives_the_blocks_logits_bit_for_bit(factory, shape, dtype, monkeypatch):
+    """A step where every part feeds one token runs Model._decode_step (the kernels called
+    directly); the same steps through `block` give the same logits and cache, bit for bit,
+    for one row and for several at different lengths."""
+    model = gptcpu.load(factory.converted(shape, dtype), threads=2)
+    assert model._decode_args() is not None
+    prompts = prompts_of(model, 3, seed=7)
+    steps = [[(0, [5]), (1, [7]), (2, [11])], [(1, [3])], [(2, [4]), (0, [9])]]
+    runs, taken = {}, []
+    fast = model._decode_step
+    for path in ("fast", "blocks"):
+        if path == "blocks":
+            monkeypatch.setattr(model, "_decode_args", lambda: None)
+        else:
+            monkeypatch.setattr(model, "_decode_step", lambda *a: taken.append(1) or fast(*a))
+        pool = SlotCache(model.config, 3, 40, model.kv_cache)
+        slots = [pool.acquire() for _ in prompts]
+        model.forward_ragged(pool, [(s, p, False) for s, p in zip(slots, prompts)])
+        runs[path] = ([model.forward_ragged(pool, [(slots[j], t, False) for j, t in step]) for step in steps],
+                      pool.k.copy(), pool.v.copy())
+    assert len(taken) == len(steps)
+    (fast_logits, fast_k, fast_v), (ref_logits, ref_k, ref_v) = runs["fast"], runs["blocks"]
+    for got, want in zip(fast_logits, ref_logits):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape == (1, model.config.n_vocab)
+            np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(fast_k, ref_k)
+    np.testing.assert_array_equal(fast_v, ref_v)
+
+
 def test_f16_kv_cache_is_close_to_f32(model):
     """The f16 KV cache (the default beside low-precision weights): prompt chunks and decode steps
     read keys and values rounded to f16 (2^-11 relative); the logits stay within a few 1e-4 of
