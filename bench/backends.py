@@ -12,8 +12,9 @@ repeats are shown, with min-max: these machines' memory speed drifts in phases o
 a bandwidth measured once per repeat put some GPT-J-width runs at 105-140% of their roofline.
 Then the same dtypes again, interleaved in one process (--interleaved-repeats; run_one's
 interleaved: one token of each dtype in turn), where no phase of the memory speed can fall on
-one dtype's run and not another's; there each dtype's roofline uses the higher of the read
-bandwidths measured before and after its repeat.
+one dtype's run and not another's; there the read bandwidth is measured in the same rounds
+(three cold reads of 256 MB before each round of steps), and each repeat's roofline is the
+median of its rounds', as its decode speed is the median of its steps.
 Results go to bench/results/backends.json and .md (and a plot with --plot).
 """
 
@@ -92,14 +93,14 @@ def dtype_table(shape: str, models: dict, threads: int, repeats: int, prompt: in
 
 def interleaved_table(shape: str, models: dict, threads: int, repeats: int, prompt: int, new: int) -> dict:
     """The dtypes decoding token by token in turn in one process: ratios paired within each
-    repeat, each repeat's roofline at the higher of the bandwidths measured around it."""
+    repeat, each repeat's roofline at the median read bandwidth of its rounds."""
     from gptcpu.engine.info import account, config_of
 
     dts = list(models)
     x = run(["--interleave", *(str(models[dt]) for dt in dts), "--threads", str(threads),
              "--repeats", str(repeats), "--prompt", str(prompt), "--new", str(new)])
     nbytes = account(config_of(str(models["f32"])))["decode_bytes_per_token"]
-    bw = [max(pair) for pair in x["read_bandwidth"]]
+    bw = x["read_bandwidth"]
     f32 = dts.index("f32")
     rows = {}
     for i, dt in enumerate(dts):
@@ -107,8 +108,8 @@ def interleaved_table(shape: str, models: dict, threads: int, repeats: int, prom
                        bw, nbytes[dt], x["tokens"][i] == x["tokens"][f32])
         print(f"{shape} {dt} interleaved: decode {rows[dt]['decode']['median']:.1f} tok/s", file=sys.stderr)
     return {"shape": shape, "threads": threads, "interleaved": True,
-            "read_bandwidth": med([b for pair in x["read_bandwidth"] for b in pair]),
-            "read_bandwidth_runs": x["read_bandwidth"], "rows": rows}
+            "read_bandwidth": med(bw), "read_bandwidth_runs": bw,
+            "read_bandwidth_range": x["read_bandwidth_range"], "rows": rows}
 
 
 def matrix(shape: str, models: dict, dtypes, prompt: int, new: int) -> list[dict]:

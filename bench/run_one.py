@@ -6,7 +6,7 @@
 
 Prints one JSON line: load seconds, prefill tokens/s (the prompt's forward pass), decode
 tokens/s (median per-token time from the second new token on) and the greedy tokens.
---bandwidth instead measures the read bandwidth (np.max over 1 GiB, split across the threads).
+--bandwidth instead measures the read bandwidth (speed.read_bandwidth: plain reads of 1 GiB).
 --interleave runs several models in this one process, token by token in turn (see interleaved).
 """
 
@@ -62,11 +62,16 @@ def main(argv=None) -> None:
 def interleaved(folders: list[str], threads: int, repeats: int, prompt: int, new: int) -> dict:
     """The models side by side in one process: each repeat prefills each model in turn, then
     decodes one token of each in turn (the order rotating every step), so that every model's
-    steps sample the same minutes of this machine's drifting memory speed. The read bandwidth
-    is measured before and after each repeat. -> per model: prefill tok/s and decode tok/s (from
-    the median step) per repeat, the greedy tokens; the bandwidths, [before, after] per repeat."""
+    steps sample the same minutes of this machine's drifting memory speed. Each round of
+    steps also reads 3 x 256 MB of cold memory (speed.ReadProbe), so that the roofline samples
+    those minutes too, with the same statistic as the steps: per repeat, the median of its
+    rounds' read bandwidths. (Measured only before and after each repeat, as this did until
+    90b62ff, a flip of the memory speed between the two readings put f32 at 60% of its
+    roofline in one repeat and 110% in the next; read in the rounds, 82-89% over five.)
+    -> per model: prefill tok/s and decode tok/s (from the median step) per repeat, the greedy
+    tokens; the read bandwidth per repeat, and its rounds' [min, max]."""
     import gptcpu
-    from gptcpu.bench.speed import read_bandwidth
+    from gptcpu.bench.speed import ReadProbe
 
     models = [gptcpu.load(f, threads=threads) for f in folders]
     n_vocab = min(m.config.n_vocab for m in models)
@@ -74,27 +79,29 @@ def interleaved(folders: list[str], threads: int, repeats: int, prompt: int, new
     for m in models:
         list(m.generate(ids[:16], 4))   # compile or load the kernels, start the pools
     out = {"prefill_tok_s": [[] for _ in models], "decode_tok_s": [[] for _ in models],
-           "tokens": [None] * len(models), "read_bandwidth": []}
-    for r in range(repeats):
-        bw = [read_bandwidth(threads)]
-        gens, tokens = [m.generate(ids, new) for m in models], [[] for _ in models]
-        for j in range(len(models)):
-            i = (j + r) % len(models)
-            t0 = time.perf_counter()
-            tokens[i].append(next(gens[i]))
-            out["prefill_tok_s"][i].append(prompt / (time.perf_counter() - t0))
-        steps = [[] for _ in models]
-        for s in range(new - 1):
+           "tokens": [None] * len(models), "read_bandwidth": [], "read_bandwidth_range": []}
+    with ReadProbe(threads, parts=4) as probe:
+        for r in range(repeats):
+            gens, tokens = [m.generate(ids, new) for m in models], [[] for _ in models]
             for j in range(len(models)):
-                i = (j + s) % len(models)
+                i = (j + r) % len(models)
                 t0 = time.perf_counter()
                 tokens[i].append(next(gens[i]))
-                steps[i].append(time.perf_counter() - t0)
-        for i in range(len(models)):
-            out["decode_tok_s"][i].append(1 / statistics.median(steps[i]))
-        out["tokens"] = tokens
-        bw.append(read_bandwidth(threads))
-        out["read_bandwidth"].append(bw)
+                out["prefill_tok_s"][i].append(prompt / (time.perf_counter() - t0))
+            steps, bandwidths = [[] for _ in models], []
+            for s in range(new - 1):
+                bandwidths.append(probe.read())
+                for j in range(len(models)):
+                    i = (j + s) % len(models)
+                    t0 = time.perf_counter()
+                    tokens[i].append(next(gens[i]))
+                    steps[i].append(time.perf_counter() - t0)
+            for i in range(len(models)):
+                out["decode_tok_s"][i].append(1 / statistics.median(steps[i]))
+            out["tokens"] = tokens
+            bandwidths = bandwidths or [probe.read()]   # (one new token: no rounds)
+            out["read_bandwidth"].append(statistics.median(bandwidths))
+            out["read_bandwidth_range"].append([min(bandwidths), max(bandwidths)])
     return out
 
 

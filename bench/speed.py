@@ -27,37 +27,65 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"gpt2": ("gpt2", {}), "gpt2-medium": ("gpt2-medium", {}), "gptj-4l": ("gpt-j-6b", {"n_layer": 4})}
 
 
-def read_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of the fastest plain read of 1 GiB of float32 in the kind of memory the weights
-    live in (a file written, evicted and mapped as convert and load do: the page cache's huge
-    pages where the kernel has them, engine.weights.map_file): the best of np.max split across
-    `threads` threads, the BLAS's GEMV and gptcpu's own decode kernel over a [262144, 1024]
-    matrix, best of repeats. (np.sum's pairwise summation is slower than memory on one core; it
-    would understate the roofline. So do np.max and the GEMV on their own: the kernel streams
-    rows ~45% faster here, and a roofline that decode passes is no bound.) The BLAS pool and
-    the kernels' pool should already be limited to `threads`."""
-    import tempfile
+class ReadProbe:
+    """Plain reads of a 1 GiB float32 file in the kind of memory the weights live in (written,
+    evicted and mapped as convert and load do: the page cache's huge pages where the kernel has
+    them, engine.weights.map_file), cut in `parts` slices read in turn: with 4, each read is of
+    memory 768 MB of others have passed since, far past any cache. `read()` is the fastest of
+    three reads of the next slices: np.max split across `threads` threads, the BLAS's GEMV
+    and gptcpu's own decode kernel over [rows, 1024] (np.sum's pairwise summation is slower
+    than memory on one core; it would understate the roofline. So do np.max and the GEMV on
+    their own: the kernel streams rows ~45% faster here, and a roofline that decode passes is
+    no bound). The BLAS pool and the kernels' pool should already be limited to `threads`."""
 
-    from gptcpu.engine import kernels
-    from gptcpu.engine.weights import evict, map_file
+    def __init__(self, threads: int, nbytes: int = 1 << 30, parts: int = 1):
+        import tempfile
 
-    with tempfile.NamedTemporaryFile(dir=os.environ.get("GPTCPU_BENCH_TMP", "/tmp")) as f:
-        np.ones(nbytes // 4, np.float32).tofile(f)
-        evict(f)
-        a = np.frombuffer(map_file(f.name), np.float32)
-        parts = np.array_split(a, threads)
-        matrix, x = a.reshape(-1, 1024), np.ones(1024, np.float32)
-        xk, out = np.ones((1, matrix.shape[0]), np.float32), np.empty((1, 1024), np.float32)
+        from gptcpu.engine.weights import evict, map_file
+
+        self.file = tempfile.NamedTemporaryFile(dir=os.environ.get("GPTCPU_BENCH_TMP", "/tmp"))
+        np.ones(nbytes // 4, np.float32).tofile(self.file)
+        evict(self.file)
+        a = np.frombuffer(map_file(self.file.name), np.float32)
         a.max()  # fault every page in
+        self.slices = [s.reshape(-1, 1024) for s in np.array_split(a[:len(a) // (1024 * parts) * 1024 * parts], parts)]
+        self.threads, self.pool, self.next = threads, ThreadPoolExecutor(threads), 0
+        self.x, self.out = np.ones(1024, np.float32), np.empty((1, 1024), np.float32)
+        self.xk = np.ones((1, len(self.slices[0])), np.float32)
+
+    def read(self) -> float:
+        """Bytes/s: the best of the three reads, each over the next slice."""
+        from gptcpu.engine import kernels
+
         best = 0.0
-        with ThreadPoolExecutor(threads) as pool:
-            for _ in range(repeats):
-                for read in (lambda: list(pool.map(np.max, parts)), lambda: matrix @ x,
-                             lambda: kernels.matvec(xk, matrix, out)):
-                    t = time.perf_counter()
-                    read()
-                    best = max(best, nbytes / (time.perf_counter() - t))
-    return best
+        for method in range(3):
+            m = self.slices[self.next % len(self.slices)]
+            self.next += 1
+            t = time.perf_counter()
+            if method == 0:
+                list(self.pool.map(np.max, np.array_split(m.reshape(-1), self.threads)))
+            elif method == 1:
+                m @ self.x
+            else:
+                kernels.matvec(self.xk, m, self.out)
+            best = max(best, m.nbytes / (time.perf_counter() - t))
+        return best
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of the fastest plain read of 1 GiB (ReadProbe, whole), best of repeats."""
+    with ReadProbe(threads, nbytes) as probe:
+        return max(probe.read() for _ in range(repeats))
 
 
 def build(shape: str, work: Path) -> tuple[Path, Path]:
