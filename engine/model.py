@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import blas, kernels, threads
+from . import blas, decode, kernels, threads
 from .config import Config
 from .errors import GptcpuError
 from .kv_cache import KVCache, SlotCache, kv_dtype
@@ -48,12 +48,7 @@ def linear(x, w, b=None):  # [N, in], [in, out], [out] -> [N, out], a fresh arra
     return y
 
 
-def _gemv(x, m, out):  # x [N <= 8, K] f32 contiguous, m (bits [K, O], q8 scale, bias) -> out = x @ m
-    kernels.matvec(x, m[0], out, m[1], m[2])
-    return out
-
-
-def _decode_arg(layer, name):  # a block's tensor(s) as Model._decode_step takes them, or None
+def _decode_arg(layer, name):  # a block's tensor(s) as engine.decode's blocks take them, or None
     if name.startswith("ln_"):
         return layer[name + ".weight"], layer[name + ".bias"]
     w, b = layer[name], layer[name.replace("w_", "b_", 1)]
@@ -353,28 +348,26 @@ class Model:
     _decode = None   # _decode_args, once bound
 
     def _decode_args(self) -> list[tuple] | None:
-        """Per block, the arrays its kernels take in a decode step, bound once: each layer norm
-        as (weight, bias), each weight matrix as (bits, q8 scale or kernels.NONE, bias), in the
-        order `_decode_step` unpacks them. None where a matrix is neither Packed nor
-        C-contiguous float32: decode then goes through `block`, as prefill does."""
+        """Per block, the tensors engine.decode's block takes, bound once: layer norms' weight
+        and bias, each weight matrix as bits, q8 scale (or kernels.NONE) and bias, in its order.
+        None where a matrix is neither Packed nor C-contiguous float32, or the activation has
+        no compiled form: decode then goes through `block`, as prefill does."""
         if self._decode is None:
             names = ("ln_1", "w_in", "w_out") if self.config.parallel_residual else \
                     ("ln_1", "attn.w_qkv", "attn.w_o", "ln_2", "mlp.w_in", "mlp.w_out")
-            args = [tuple(_decode_arg(layer, n) for n in names) for layer in self.layers]
-            self._decode = [] if any(a is None for block in args for a in block) else args
+            args = [[_decode_arg(layer, n) for n in names] for layer in self.layers]
+            ok = self.config.activation in decode.ACTIVATIONS and all(a is not None for b in args for a in b)
+            self._decode = [tuple(t for a in block for t in a) for block in args] if ok else []
         return self._decode or None
 
     def _decode_step(self, pool, ids, spans) -> list[np.ndarray]:
         """forward_ragged where every part feeds one token, at most Packed.MATVEC_ROWS of them
-        (generation's decode step, batched or not): what `block` and `_attend_slots`' decode
-        branch do, the same kernels on the same arrays (the same logits and cache, bit for
-        bit), less their layers of Python (`linear`, `Packed.matmul`, the `attend` closure,
-        reshapes and copies that copy nothing, the grouping of rows, fresh outputs): ~12
-        operations a block, not ~40. The Python of a GPT-2-small step, its kernels made no-ops:
-        112 -> 40 us; it costs more in the running step, where the weights streaming through
-        have pushed the interpreter's code and data out of the caches: q8, 2 threads, 3.91 ->
-        3.76 ms a step (one process, the two paths alternating, 64 MB read between steps), and
-        +5-6% decode tok/s interleaved with the f32, bf16 and f16 models (run_one's rounds)."""
+        (generation's decode step, batched or not): each block one compiled call
+        (engine.decode), the same numbers as `block` with `_attend_slots`, bit for bit.
+        GPT-2-small q8, 2 threads, one process alternating with 64 MB read between steps:
+        3.91 -> 3.76 ms a step with `block`'s glue cut to ~12 Python operations a block (+5-6%
+        decode tok/s interleaved with the f32, bf16 and f16 models, run_one's rounds), then
+        4.00-4.24 -> 3.82-4.11 ms with each block compiled, against that."""
         c = self.config
         slots = np.array([slot for _, _, slot, _ in spans], np.int64)
         pos = pool.length[slots]
@@ -382,53 +375,29 @@ class Model:
         if c.arch == "gpt2":
             x += embed(self.w["wpe"], pos)
         x = np.ascontiguousarray(x, dtype=F32)
-        rot, ends = self._rotation(pos[None]), pos + 1
+        ends = pos + 1
         N, C, H, D = len(x), c.n_embd, c.n_head, c.head_dim
-        eps = F32(c.layer_norm_epsilon)
-        h, a, y = np.empty((N, C), F32), np.empty((N, H, D), F32), np.empty((N, C), F32)
-        first = self._decode_args()[0][1][0]   # a block's first weight matrix: w_qkv, or GPT-J's w_in
-        u = np.empty((N, first.shape[1]), F32)
-        q, k, v = u[:, :C].reshape(N, H, D), u[:, C:2 * C].reshape(N, H, D), u[:, 2 * C:3 * C].reshape(N, H, D)
-        if N > 1:   # (one row's q, k and v are already contiguous)
-            q, k, v = (np.empty((N, H, D), F32) for _ in range(3))
-        if not c.parallel_residual:
+        eps, T, act = F32(c.layer_norm_epsilon), threads.kernel_threads(), decode.ACTIVATIONS[c.activation]
+        y, h, a, q, k, v = (np.empty(shape, F32) for shape in [(N, C)] * 2 + [(N, H, D)] * 4)
+        width = self._decode_args()[0][2].shape[1]   # a block's first matrix: w_qkv, or GPT-J's w_in
+        u = np.empty((N, width), F32)
+        if c.parallel_residual:   # GPT-J
+            cat = np.empty((N, C + width - 3 * C), F32)
+            cos, sin = (self.cos, self.sin) if c.rotary_dim else (np.empty((c.n_ctx, 0), F32),) * 2
+            for i, args in enumerate(self._decode_args()):
+                decode.gptj_block(x, y, h, u, cat, a, q, k, v, eps, T, act, pool.k[i], pool.v[i], slots, ends,
+                                  self.attn_scale[i], cos, sin, *args)
+                x, y = y, x   # (the block's input is spent: the next block's output goes there)
+        else:
             r, mlp = np.empty((N, C), F32), np.empty((N, c.n_inner), F32)
-        for i, args in enumerate(self._decode_args()):
-            if c.parallel_residual:   # GPT-J: attention and MLP both read h
-                (ln_w, ln_b), w_in, w_out = args
-                kernels.layer_norm(x, ln_w, ln_b, eps, h)
-                _gemv(h, w_in, u)                                  # [N, 3C + I]: q | k | v | MLP in
-                self._attend_step(i, u, q, k, v, pool, slots, ends, rot, a)
-                _gemv(np.concatenate([a.reshape(N, C), self.act(u[:, 3 * C:])], -1), w_out, y)
-                y += x
-            else:
-                (ln1_w, ln1_b), w_qkv, w_o, (ln2_w, ln2_b), w_in, w_out = args
-                kernels.layer_norm(x, ln1_w, ln1_b, eps, h)
-                _gemv(h, w_qkv, u)
-                self._attend_step(i, u, q, k, v, pool, slots, ends, rot, a)
-                _gemv(a.reshape(N, C), w_o, r)
-                r += x
-                kernels.layer_norm(r, ln2_w, ln2_b, eps, h)
-                _gemv(h, w_in, mlp)
-                _gemv(self.act(mlp), w_out, y)
-                y += r
-            x, y = y, x   # (the block's input is spent: the next block's output goes there)
+            for i, args in enumerate(self._decode_args()):
+                decode.gpt2_block(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, pool.k[i], pool.v[i], slots, ends,
+                                  self.attn_scale[i], *args)
+                x, y = y, x
         for s in slots:
             pool.length[s] += 1
         logits = self.head(x)
         return [logits[j:j + 1] for j in range(N)]
-
-    def _attend_step(self, i, u, q, k, v, pool, slots, ends, rot, out):
-        """_decode_step's attention: u [N, >= 3C] holds q | k | v, views of it or, for more than
-        one row, contiguous copies of them -> out [N, H, D]."""
-        if len(u) > 1:
-            C, H, D = self.config.n_embd, self.config.n_head, self.config.head_dim
-            for t, j in ((q, 0), (k, 1), (v, 2)):
-                t[...] = u[:, j * C:(j + 1) * C].reshape(-1, H, D)
-        if rot is not None:
-            rotate_(q[None], *rot)
-            rotate_(k[None], *rot)
-        kernels.attend_decode(q, k, v, pool.k[i], pool.v[i], slots, ends, self.attn_scale[i], out)
 
     def _rotation(self, pos):  # position ids [B, T] -> cos, sin [B, T, 1, R/2], or None (GPT-2)
         if not self.config.rotary_dim:

@@ -77,6 +77,18 @@ def test_decode_step_gives_the_blocks_logits_bit_for_bit(factory, shape, dtype, 
     np.testing.assert_array_equal(fast_v, ref_v)
 
 
+def test_compiled_decode_activations_are_the_models():
+    """engine.decode's activations give model.ACTIVATIONS' numbers bit for bit (the blocks test
+    above covers gelu_new through real models; relu has no model among the fixtures)."""
+    from gptcpu.engine import decode, model
+
+    x = np.random.default_rng(3).standard_normal((3, 100)).astype(np.float32) * 4
+    for name, code in decode.ACTIVATIONS.items():
+        got = x.copy()
+        decode._activate(got, code)
+        np.testing.assert_array_equal(got, model.ACTIVATIONS[name](x.copy()))
+
+
 def test_f16_kv_cache_is_close_to_f32(model):
     """The f16 KV cache (the default beside low-precision weights): prompt chunks and decode steps
     read keys and values rounded to f16 (2^-11 relative); the logits stay within a few 1e-4 of
