@@ -183,7 +183,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--interleaved-repeats", type=int, default=3, help="0: no interleaved table")
+    ap.add_argument("--interleaved-repeats", type=int, default=5, help="0: no interleaved table")
     ap.add_argument("--matrix", action="store_true", help="also every backend x threading x threads 1, 2")
     ap.add_argument("--matrix-dtypes", default="f32,bf16")
     ap.add_argument("--matrix-only", action="store_true", help="skip the per-dtype tables")
