@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import blas, decode, kernels, threads
+from . import blas, kernels, threads
 from .config import Config
 from .errors import GptcpuError
 from .kv_cache import KVCache, SlotCache, kv_dtype
@@ -48,7 +48,7 @@ def linear(x, w, b=None):  # [N, in], [in, out], [out] -> [N, out], a fresh arra
     return y
 
 
-def _decode_arg(layer, name):  # a block's tensor(s) as engine.decode's blocks take them, or None
+def _decode_arg(layer, name):  # a block's tensor(s) as kernels.decode_*_block take them, or None
     if name.startswith("ln_"):
         return layer[name + ".weight"], layer[name + ".bias"]
     w, b = layer[name], layer[name.replace("w_", "b_", 1)]
@@ -348,7 +348,7 @@ class Model:
     _decode = None   # _decode_args, once bound
 
     def _decode_args(self) -> list[tuple] | None:
-        """Per block, the tensors engine.decode's block takes, bound once: layer norms' weight
+        """Per block, the tensors kernels.decode_*_block takes, bound once: layer norms' weight
         and bias, each weight matrix as bits, q8 scale (or kernels.NONE) and bias, in its order.
         None where a matrix is neither Packed nor C-contiguous float32, or the activation has
         no compiled form: decode then goes through `block`, as prefill does."""
@@ -356,14 +356,14 @@ class Model:
             names = ("ln_1", "w_in", "w_out") if self.config.parallel_residual else \
                     ("ln_1", "attn.w_qkv", "attn.w_o", "ln_2", "mlp.w_in", "mlp.w_out")
             args = [[_decode_arg(layer, n) for n in names] for layer in self.layers]
-            ok = self.config.activation in decode.ACTIVATIONS and all(a is not None for b in args for a in b)
+            ok = self.config.activation in kernels.DECODE_ACTIVATIONS and all(a is not None for b in args for a in b)
             self._decode = [tuple(t for a in block for t in a) for block in args] if ok else []
         return self._decode or None
 
     def _decode_step(self, pool, ids, spans) -> list[np.ndarray]:
         """forward_ragged where every part feeds one token, at most Packed.MATVEC_ROWS of them
         (generation's decode step, batched or not): each block one compiled call
-        (engine.decode), the same numbers as `block` with `_attend_slots`, bit for bit.
+        (kernels.decode_gpt2_block, decode_gptj_block), the same numbers as `block` with `_attend_slots`, bit for bit.
         GPT-2-small q8, 2 threads, one process alternating with 64 MB read between steps:
         3.91 -> 3.76 ms a step with `block`'s glue cut to ~12 Python operations a block (+5-6%
         decode tok/s interleaved with the f32, bf16 and f16 models, run_one's rounds), then
@@ -377,7 +377,7 @@ class Model:
         x = np.ascontiguousarray(x, dtype=F32)
         ends = pos + 1
         N, C, H, D = len(x), c.n_embd, c.n_head, c.head_dim
-        eps, T, act = F32(c.layer_norm_epsilon), threads.kernel_threads(), decode.ACTIVATIONS[c.activation]
+        eps, T, act = F32(c.layer_norm_epsilon), threads.kernel_threads(), kernels.DECODE_ACTIVATIONS[c.activation]
         y, h, a, q, k, v = (np.empty(shape, F32) for shape in [(N, C)] * 2 + [(N, H, D)] * 4)
         width = self._decode_args()[0][2].shape[1]   # a block's first matrix: w_qkv, or GPT-J's w_in
         u = np.empty((N, width), F32)
@@ -385,13 +385,13 @@ class Model:
             cat = np.empty((N, C + width - 3 * C), F32)
             cos, sin = (self.cos, self.sin) if c.rotary_dim else (np.empty((c.n_ctx, 0), F32),) * 2
             for i, args in enumerate(self._decode_args()):
-                decode.gptj_block(x, y, h, u, cat, a, q, k, v, eps, T, act, pool.k[i], pool.v[i], slots, ends,
+                kernels.decode_gptj_block(x, y, h, u, cat, a, q, k, v, eps, T, act, pool.k[i], pool.v[i], slots, ends,
                                   self.attn_scale[i], cos, sin, *args)
                 x, y = y, x   # (the block's input is spent: the next block's output goes there)
         else:
             r, mlp = np.empty((N, C), F32), np.empty((N, c.n_inner), F32)
             for i, args in enumerate(self._decode_args()):
-                decode.gpt2_block(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, pool.k[i], pool.v[i], slots, ends,
+                kernels.decode_gpt2_block(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, pool.k[i], pool.v[i], slots, ends,
                                   self.attn_scale[i], *args)
                 x, y = y, x
         for s in slots:

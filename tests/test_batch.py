@@ -78,14 +78,14 @@ def test_decode_step_gives_the_blocks_logits_bit_for_bit(factory, shape, dtype, 
 
 
 def test_compiled_decode_activations_are_the_models():
-    """engine.decode's activations give model.ACTIVATIONS' numbers bit for bit (the blocks test
-    above covers gelu_new through real models; relu has no model among the fixtures)."""
-    from gptcpu.engine import decode, model
+    """The compiled decode blocks' activations give model.ACTIVATIONS' numbers bit for bit (the
+    test above covers gelu_new through real models; relu has no model among the fixtures)."""
+    from gptcpu.engine import kernels, model
 
     x = np.random.default_rng(3).standard_normal((3, 100)).astype(np.float32) * 4
-    for name, code in decode.ACTIVATIONS.items():
+    for name, code in kernels.DECODE_ACTIVATIONS.items():
         got = x.copy()
-        decode._activate(got, code)
+        kernels._activate(got, code)
         np.testing.assert_array_equal(got, model.ACTIVATIONS[name](x.copy()))
 
 
