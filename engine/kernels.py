@@ -917,7 +917,7 @@ def _rotate(x, cos, sin, ends):   # model.rotate_ in place on x [N, H, D], row n
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def decode_gpt2_block(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, K, V, slots, ends, scale,
-               ln1_w, ln1_b, w_qkv, s_qkv, b_qkv, w_o, s_o, b_o, ln2_w, ln2_b, w_in, s_in, b_in, w_out, s_out, b_out):
+                      ln1_w, ln1_b, w_qkv, s_qkv, b_qkv, w_o, s_o, b_o, ln2_w, ln2_b, w_in, s_in, b_in, w_out, s_out, b_out):
     """y [N, C] = x through one GPT-2 block; the rest are its buffers (h [N, C], u [N, 3C],
     r [N, C], mlp [N, I], a, q, k, v [N, H, D]), its cache K, V [slots, H, capacity, D] and its
     tensors (each matrix as bits, q8 scale or empty, bias)."""
@@ -937,7 +937,7 @@ def decode_gpt2_block(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, K, V, slots, 
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def decode_gptj_block(x, y, h, u, cat, a, q, k, v, eps, T, act, K, V, slots, ends, scale, cos, sin,
-               ln_w, ln_b, w_in, s_in, b_in, w_out, s_out, b_out):
+                      ln_w, ln_b, w_in, s_in, b_in, w_out, s_out, b_out):
     """y [N, C] = x through one GPT-J block (attention and MLP both read h, one GEMM in and one
     out; u [N, 3C + I], cat [N, C + I]); cos, sin [n_ctx, R/2] (R = 0: no rotation)."""
     N, C = x.shape
