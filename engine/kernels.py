@@ -239,7 +239,11 @@ def matvec(x, w, out, scale=NONE, bias=NONE):
     prefetches: 36-44 GB/s; bf16 36 -> 40; GPT-J-width q8 35 -> 41; f32, whose loads alone keep
     the window full, lost ~12% to them and goes without). Prefetching changes no sum.
     """
-    T = threads.kernel_threads()
+    _matvec(x, w, out, threads.kernel_threads(), scale, bias)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _matvec(x, w, out, T, scale, bias):   # matvec on T threads (compiled: the decode blocks call it too)
     if w.nbytes <= SMALL:
         _matvec_cols(x, w, out, T, scale, bias)
     else:
@@ -868,14 +872,6 @@ DECODE_ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "relu": 1}   # conf
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _decode_gemv(x, w, out, T, scale, bias):   # matvec, its split chosen by w as there
-    if w.nbytes <= SMALL:
-        _matvec_cols(x, w, out, T, scale, bias)
-    else:
-        _matvec_rows(x, w, out, T, scale, bias)
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
 def _activate(u, act):   # in place on each row of u [N, I]: model.ACTIVATIONS' function
     for n in range(u.shape[0]):
         if act == 0:
@@ -923,15 +919,15 @@ def decode_gpt2_block(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, K, V, slots, 
     tensors (each matrix as bits, q8 scale or empty, bias)."""
     N, C = x.shape
     layer_norm(x, ln1_w, ln1_b, eps, h)
-    _decode_gemv(h, w_qkv, u, T, s_qkv, b_qkv)
+    _matvec(h, w_qkv, u, T, s_qkv, b_qkv)
     _split(u, q, k, v)
     attend_decode(q, k, v, K, V, slots, ends, scale, a)
-    _decode_gemv(a.reshape(N, C), w_o, r, T, s_o, b_o)
+    _matvec(a.reshape(N, C), w_o, r, T, s_o, b_o)
     _add(r, x)
     layer_norm(r, ln2_w, ln2_b, eps, h)
-    _decode_gemv(h, w_in, mlp, T, s_in, b_in)
+    _matvec(h, w_in, mlp, T, s_in, b_in)
     _activate(mlp.reshape(1, mlp.size), act)   # (in one pass, as model.gelu_new does a contiguous array)
-    _decode_gemv(mlp, w_out, y, T, s_out, b_out)
+    _matvec(mlp, w_out, y, T, s_out, b_out)
     _add(y, r)
 
 
@@ -942,7 +938,7 @@ def decode_gptj_block(x, y, h, u, cat, a, q, k, v, eps, T, act, K, V, slots, end
     out; u [N, 3C + I], cat [N, C + I]); cos, sin [n_ctx, R/2] (R = 0: no rotation)."""
     N, C = x.shape
     layer_norm(x, ln_w, ln_b, eps, h)
-    _decode_gemv(h, w_in, u, T, s_in, b_in)
+    _matvec(h, w_in, u, T, s_in, b_in)
     _split(u, q, k, v)
     _rotate(q, cos, sin, ends)
     _rotate(k, cos, sin, ends)
@@ -952,5 +948,5 @@ def decode_gptj_block(x, y, h, u, cat, a, q, k, v, eps, T, act, K, V, slots, end
     for n in range(N):
         cat[n, :C] = a[n].reshape(C)
         cat[n, C:] = mlp[n]
-    _decode_gemv(cat, w_out, y, T, s_out, b_out)
+    _matvec(cat, w_out, y, T, s_out, b_out)
     _add(y, x)

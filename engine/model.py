@@ -243,9 +243,7 @@ class Model:
             raise GptcpuError(f"position {pos.max()} is past the context of {c.n_ctx} tokens")
         bias = self._attention_bias(valid, t0, T)
 
-        x = embed(self.w["wte"], ids)                          # [B, T, C]
-        if c.arch == "gpt2":
-            x += embed(self.w["wpe"], pos)
+        x = self._embed(ids, pos)                               # [B, T, C]
         x = x.reshape(B * T, c.n_embd)                         # the blocks work on rows
         rot = self._rotation(pos)
         with self._attention_blas():
@@ -285,9 +283,7 @@ class Model:
             return self._decode_step(pool, ids, spans)   # every part one token: the common step
         pos = np.concatenate([np.arange(t0, t0 + b - a) for a, b, _, t0 in spans])
         rot = self._rotation(pos[None])
-        x = embed(self.w["wte"], ids)                          # [N, C]
-        if c.arch == "gpt2":
-            x += embed(self.w["wpe"], pos)
+        x = self._embed(ids, pos)                               # [N, C]
         # Rows go through the weights in groups that do not depend on the rest of the batch:
         # one-token rows together, in the compiled GEMV (8 at a time), each prompt chunk on its
         # own. The GEMV computes each row the same way whatever else is in it; BLAS's sgemm
@@ -363,7 +359,8 @@ class Model:
     def _decode_step(self, pool, ids, spans) -> list[np.ndarray]:
         """forward_ragged where every part feeds one token, at most Packed.MATVEC_ROWS of them
         (generation's decode step, batched or not): each block one compiled call
-        (kernels.decode_gpt2_block, decode_gptj_block), the same numbers as `block` with `_attend_slots`, bit for bit.
+        (kernels.decode_gpt2_block, decode_gptj_block), the same numbers as `block` with
+        `_attend_slots`, bit for bit.
         GPT-2-small q8, 2 threads, one process alternating with 64 MB read between steps:
         3.91 -> 3.76 ms a step with `block`'s glue cut to ~12 Python operations a block (+5-6%
         decode tok/s interleaved with the f32, bf16 and f16 models, run_one's rounds), then
@@ -371,10 +368,7 @@ class Model:
         c = self.config
         slots = np.array([slot for _, _, slot, _ in spans], np.int64)
         pos = pool.length[slots]
-        x = embed(self.w["wte"], ids)                          # [N, C]
-        if c.arch == "gpt2":
-            x += embed(self.w["wpe"], pos)
-        x = np.ascontiguousarray(x, dtype=F32)
+        x = np.ascontiguousarray(self._embed(ids, pos), dtype=F32)   # [N, C]
         ends = pos + 1
         N, C, H, D = len(x), c.n_embd, c.n_head, c.head_dim
         eps, T, act = F32(c.layer_norm_epsilon), threads.kernel_threads(), kernels.DECODE_ACTIVATIONS[c.activation]
@@ -398,6 +392,12 @@ class Model:
             pool.length[s] += 1
         logits = self.head(x)
         return [logits[j:j + 1] for j in range(N)]
+
+    def _embed(self, ids, pos):  # token ids and their positions [...] -> [..., C], a fresh array
+        x = embed(self.w["wte"], ids)
+        if self.config.arch == "gpt2":
+            x += embed(self.w["wpe"], pos)
+        return x
 
     def _rotation(self, pos):  # position ids [B, T] -> cos, sin [B, T, 1, R/2], or None (GPT-2)
         if not self.config.rotary_dim:
