@@ -10,6 +10,7 @@ import torch
 
 import gptcpu
 from conftest import SHAPES
+from gptcpu.engine import kernels
 from gptcpu.engine.errors import GptcpuError
 from test_convert import assert_one_line_error, run_cli
 
@@ -180,7 +181,8 @@ def q8_round_trip(state: dict) -> dict:
 @pytest.mark.parametrize("dtype,tol", [("f16", 2e-3), ("bf16", 2e-2), ("q8", 6e-2)])
 @pytest.mark.parametrize("shape", ["gpt2", "gptj"])
 def test_low_precision_models(factory, shape, dtype, tol):
-    """Exact (1e-4) against HF run on the same rounded weights; within tol * max|logit| of f32.
+    """Exact (1e-4) against HF run on the same rounded weights (q8: 5e-4 of the largest logit,
+    where its prefill rounds x to int16); within tol * max|logit| of f32.
 
     The tolerance: f16 keeps 11 significant bits (relative rounding <= 2^-11 = 4.9e-4), bf16 8
     (<= 2^-8 = 3.9e-3) and q8 rounds to within half a step of 1/127 of a channel's largest
@@ -200,15 +202,19 @@ def test_low_precision_models(factory, shape, dtype, tol):
         state = {k: v.to(torch_dtype).float() if v.ndim == 2 else v for k, v in state.items()}
     rounded = type(hf)(hf.config).eval()
     rounded.load_state_dict(state)
-    np.testing.assert_allclose(got, hf_logits(rounded, ids), atol=1e-4, rtol=0)
+    same = hf_logits(rounded, ids)
+    # q8's prefill GEMM rounds x to int16 (kernels._gemm_pairs); measured 0.8-1.3e-4 of the
+    # largest logit here, against q8's own 1.3-3.1e-2 from its weights
+    exact = 5e-4 * np.abs(same).max() if dtype == "q8" and kernels.PAIRS else 1e-4
+    np.testing.assert_allclose(got, same, atol=exact, rtol=0)
     want = hf_logits(hf, ids)
     err = np.abs(got - want).max() / np.abs(want).max()
     print(f"{shape} {dtype}: max |logits - f32 logits| / max |logit| = {err:.2e}")
     assert err < tol
-    # the compiled decode kernels agree with the prefill path (widen + sgemm)
+    # the compiled decode kernels (f32 x) agree with the prefill path (the compiled GEMM)
     cache = m.new_cache()
     steps = [m.forward(np.array([ids[:4]]), cache)[0]] + [m.forward(np.array([[t]]), cache)[0] for t in ids[4:]]
-    np.testing.assert_allclose(np.concatenate(steps), got, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(steps), got, atol=exact if dtype == "q8" else 1e-5, rtol=0)
 
 
 def mapped(a: np.ndarray) -> bool:

@@ -64,6 +64,74 @@ def test_matvec_kernels_match_numpy(M, K, N, dtype):
     np.testing.assert_array_equal(buf, exact)
 
 
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16", "q8"])
+@pytest.mark.parametrize("K,N", [(768, 2304), (1030, 777), (200, 5000)])
+def test_gemv_row_alone_is_bit_for_bit_a_batch_row(dtype, K, N):
+    """One row of x (decode alone, the line-at-a-time kernel with its prefetches) and the same
+    row among others (a decode batch, the plain loop) give the same sums, bit for bit."""
+    rng = np.random.default_rng(K + N)
+    bits, _ = stored(rng.standard_normal((K, N), dtype=np.float32), dtype)
+    assert bits.nbytes > kernels.SMALL   # the row split, where the two paths differ
+    x = rng.standard_normal((3, K), dtype=np.float32)
+    scale, bias = rng.uniform(0.5, 2, N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
+    for threads in (1, 2, 3):
+        batch, alone = np.empty((3, N), np.float32), np.empty((1, N), np.float32)
+        kernels._matvec(x, bits, batch, threads, scale, bias)
+        for m in range(3):
+            kernels._matvec(x[m:m + 1], bits, alone, threads, scale, bias)
+            np.testing.assert_array_equal(alone[0], batch[m])
+
+
+AVX2 = "+avx,+avx2,+fma,+f16c,+sse4.2,+popcnt,+bmi,+bmi2"   # what a Haswell-class CPU has
+
+
+def _host_has_avx2() -> bool:
+    from llvmlite import binding
+    return all(binding.get_host_cpu_features().get(f[1:], False) for f in AVX2.split(","))
+
+
+@pytest.mark.skipif(not _host_has_avx2(), reason="this CPU has no AVX2 to run the 8-lane kernels on")
+def test_kernels_on_eight_lane_vectors():
+    """The GEMV and the q8 GEMM as compiled for an AVX2 CPU (8 float lanes, not AVX-512's 16), in
+    a process that compiles for one, with numba's cache out of the way: right sums, one row as in
+    a batch; the int16 pairs through AVX2's pmaddwd."""
+    code = """if 1:
+        import numpy as np
+        from gptcpu.engine import kernels
+        assert kernels.LANES == 8, kernels.LANES
+        rng = np.random.default_rng(0)
+        for dt in ("bf16", "f16", "q8"):
+            for K, N in ((768, 2304), (131, 1001), (40, 1100)):
+                w32 = rng.standard_normal((K, N)).astype(np.float32)
+                if dt == "q8":
+                    w = rng.integers(-127, 128, (K, N)).astype(np.int8); exact = w.astype(np.float32)
+                elif dt == "bf16":
+                    w = (w32.view(np.uint32) >> 16).astype(np.uint16); exact = (w.astype(np.uint32) << 16).view(np.float32)
+                else:
+                    h = w32.astype(np.float16); w = h.view(np.int16); exact = h.astype(np.float32)
+                x = rng.standard_normal((3, K)).astype(np.float32)
+                batch, alone = np.empty((3, N), np.float32), np.empty((1, N), np.float32)
+                kernels._matvec(x, w, batch, 2, kernels.NONE, kernels.NONE)
+                kernels._matvec(x[1:2], w, alone, 2, kernels.NONE, kernels.NONE)
+                want = x @ exact
+                assert np.abs(batch - want).max() / np.abs(want).max() < 1e-5, (dt, K, N)
+                assert np.array_equal(alone[0], batch[1]), (dt, K, N)
+        assert kernels.PAIRS and not kernels.VNNI
+        w = rng.integers(-127, 128, (300, 70)).astype(np.int8)
+        x = rng.standard_normal((13, 300)).astype(np.float32)
+        out = np.empty((13, 70), np.float32)
+        kernels.gemm(x, w, out)   # the q8 prefill GEMM on AVX2's 16-bit pairs
+        want = x @ w.astype(np.float32)
+        assert np.abs(out - want).max() / np.abs(want).max() < 1e-4
+        kernels.gemm(np.eye(300, dtype=np.float32), w, out := np.empty((300, 70), np.float32))
+        assert (out == w).all()
+    """
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": AVX2}
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 def f16_bits(x: np.ndarray) -> np.ndarray:
     """What the f16 KV cache holds for x: NumPy's round to nearest even, clamped to +-65504."""
     return np.clip(x, -65504, 65504).astype(np.float16).view(np.int16)
@@ -141,12 +209,19 @@ def test_f16_kv_store_without_f16c():
 def test_gemm_matches_numpy_on_every_edge(dtype, M, K, N):
     """The prefill GEMM on shapes around its blocks (MR rows, NR and NC columns, KC rows of w):
     full and edge tiles, several k-blocks, panels of unequal width, 1-3 threads, w as [K, N] and
-    as the transposed [N, K] table, with and without scale and bias."""
+    as the transposed [N, K] table, with and without scale and bias. q8 where the CPU multiplies
+    int16 pairs: within the bound of x's rounding to int16 (per row and KC-block, at most 2^-15
+    of the block's largest |x|), plus the f32 sums' own."""
     rng = np.random.default_rng(M * 1000 + K + N)
     bits, exact = stored(rng.standard_normal((K, N), dtype=np.float32), dtype)
     x = rng.standard_normal((M, K), dtype=np.float32)
     want = x.astype(np.float64) @ exact.astype(np.float64)
-    tol = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(exact).astype(np.float64)).max()
+    tol = 2e-5 * (np.abs(x).astype(np.float64) @ np.abs(exact).astype(np.float64)).max()
+    gemm = kernels._gemm_for(bits)
+    if gemm is kernels._gemm_pairs:
+        blocks = [slice(k, k + kernels.KC) for k in range(0, K, kernels.KC)]
+        tol = tol + 2.0 ** -15 * sum(np.abs(x[:, b]).max(axis=1, keepdims=True) @ np.abs(exact[b]).sum(axis=0, keepdims=True)
+                                     for b in blocks) * 2
     s, b = rng.uniform(0.5, 2, N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
     bt = np.ascontiguousarray(bits.T)
     for threads in (1, 2, 3):
@@ -154,8 +229,39 @@ def test_gemm_matches_numpy_on_every_edge(dtype, M, K, N):
             exp = want * (sc if sc.size else 1) + (bi if bi.size else 0)
             for w, transposed in ((bits, False), (bt, True)):
                 out = np.full((M, N), np.nan, np.float32)
-                kernels._gemm(x, w, out, sc, bi, transposed, threads)
-                assert np.abs(out - exp).max() <= 2 * tol, (threads, transposed, sc.size)
+                gemm(x, w, out, sc, bi, transposed, threads)
+                assert (np.abs(out - exp) <= tol).all(), (threads, transposed, sc.size)
+
+
+@pytest.mark.skipif(not kernels.PAIRS, reason="this CPU has no int16 pair multiply (AVX2 or AVX-512BW)")
+def test_q8_gemm_quantizes_x_per_row_and_block():
+    """The q8 GEMM's int16 x: exact where x is (a power-of-two scale: the identity gives w back,
+    bit for bit); each row and KC-block scaled on its own, so a row of huge values, or a NaN,
+    changes nothing in the other rows, and a small block beside a huge one keeps its precision;
+    a NaN or an infinity reaches its own row's outputs."""
+    rng = np.random.default_rng(3)
+    K, N = 2 * kernels.KC + 5, 3 * kernels.NR + 3
+    w = rng.integers(-127, 128, (K, N)).astype(np.int8)
+    out = np.empty((K, N), np.float32)
+    kernels.gemm(np.eye(K, dtype=np.float32), w, out)
+    np.testing.assert_array_equal(out, w.astype(np.float32))
+    x = rng.standard_normal((12, K)).astype(np.float32)
+    x[3, :kernels.KC] *= 1e6       # block 0 of row 3: huge; its block 1 stays small
+    base = np.empty((12, N), np.float32)
+    kernels.gemm(x, w, base)
+    y = x.copy()
+    y[5] *= 1e20
+    y[7, 9] = np.nan
+    y[9, 200] = np.inf
+    got = np.empty((12, N), np.float32)
+    kernels.gemm(y, w, got)
+    for m in (0, 1, 2, 3, 4, 6, 8, 10, 11):
+        np.testing.assert_array_equal(got[m], base[m])
+    assert np.isnan(got[7]).all() and np.isnan(got[9]).all() and np.isfinite(got[5]).all()
+    small = x[3:4, kernels.KC:].astype(np.float64) @ w[kernels.KC:].astype(np.float64)
+    part = np.empty((1, N), np.float32)
+    kernels.gemm(np.ascontiguousarray(x[3:4, kernels.KC:]), np.ascontiguousarray(w[kernels.KC:]), part)
+    assert np.abs(part - small).max() <= 1e-4 * np.abs(small).max()
 
 
 def test_gemm_on_empty_shapes():
@@ -168,16 +274,17 @@ def test_gemm_on_empty_shapes():
     kernels.gemm(np.ones((3, 4), np.float32), np.ones((4, 0), np.int8), np.empty((3, 0), np.float32))
 
 
-def test_gemm_result_does_not_depend_on_threads_or_rows():
+@pytest.mark.parametrize("dtype", ["bf16", "q8"])
+def test_gemm_result_does_not_depend_on_threads_or_rows(dtype):
     """Each output is summed the same way whatever the thread count and whatever other rows
     share the call: a prompt's numbers do not depend on the machine's cores or its batch."""
     rng = np.random.default_rng(5)
-    bits, _ = stored(rng.standard_normal((700, 1100), dtype=np.float32), "bf16")
+    bits, _ = stored(rng.standard_normal((700, 1100), dtype=np.float32), dtype)
     x = rng.standard_normal((37, 700), dtype=np.float32)
     outs = []
     for threads, rows in ((1, 37), (2, 37), (3, 37), (2, 20)):
         out = np.empty((rows, 1100), np.float32)
-        kernels._gemm(x[:rows], bits, out, kernels.NONE, kernels.NONE, False, threads)
+        kernels._gemm_for(bits)(x[:rows], bits, out, kernels.NONE, kernels.NONE, False, threads)
         outs.append(out)
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0][:len(o)])
