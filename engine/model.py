@@ -519,10 +519,12 @@ def load(path, threads: int | None = None, backend: str | None = None, threading
     kv_cache: "f32" or "f16", the KV cache of generate, generate_batch and the server (default:
     f32 for f32 weights, f16 for the others)."""
     from .config import Config
+    from .heap import keep_temporaries
     from .threads import available_cpus, set_threads
     from .tokenizer import Tokenizer
 
     blas.use(backend, threading)
+    keep_temporaries()
     path = Path(path)
     if not path.is_dir():
         raise GptcpuError(f"{path} is not a model folder")
