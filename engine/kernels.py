@@ -609,8 +609,9 @@ def _vector_lanes() -> int:
 LANES = _vector_lanes()
 # gemm over q8 weights multiplies int16 pairs (pmaddwd) where the vector registers have it:
 # AVX-512BW at 16 lanes, AVX2 at 8; with VNNI the multiply and the add are one instruction
-PAIRS = {16: "avx512bw", 8: "avx2"}.get(LANES) in _cpu_features()
-VNNI = LANES == 16 and "avx512vnni" in _cpu_features()
+_FEATURES = _cpu_features()
+PAIRS = {16: "avx512bw", 8: "avx2"}.get(LANES) in _FEATURES
+VNNI = LANES == 16 and "avx512vnni" in _FEATURES
 NR = 2 * LANES          # gemm: columns of one micro-panel: two vector registers
 MR = 8 if LANES == 16 else 6  # gemm: rows of x per tile; MR x 2 accumulators fill half or more of the registers
 KC = 128                # gemm: rows of w per panel: a micro-panel (KC x NR f32) stays in L1
@@ -993,7 +994,7 @@ def _quantize_row(x, q, xs, stride):
     """One row of x as int16 for _tile_pairs, in blocks of KC: q[kb*KC + i] = x[kb*KC + i] / xs[kb *
     stride], rounded to nearest even, where xs[kb * stride] is the power of two that puts the
     block's largest |x| in 16384..32767 (the scaling is exact; only the rounding loses, at most
-    2^-16 of the block's largest value). A short last block is quantized as if zero-padded to KC.
+    2^-15 of the block's largest value). A short last block is quantized as if zero-padded to KC.
     A block holding a NaN or an infinity gets a NaN scale, which its sums carry. (Its largest |x|
     is taken on the bits: a non-negative float orders as its bits do, and a NaN or an infinity
     above every finite one.) The loops run over exactly KC values: over a block's own length
@@ -1029,8 +1030,8 @@ def _quantize_row(x, q, xs, stride):
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
 def _gemm_pairs(x, w, out, scale, bias, transposed, T):
-    """_gemm for q8 weights (int8), with x quantized to int16 per MR rows and KC columns (see
-    _quantize_pairs) and integer products (_tile_pairs): two weights per lane and instruction
+    """_gemm for q8 weights (int8), with x rounded to int16 per row and KC-block of k (see
+    _quantize_row) and integer products (_tile_pairs): two weights per lane and instruction
     where _gemm widens them to f32 and runs one FMA per weight per lane. The same blocking,
     packing and prefetching as _gemm; micro-panels hold int16 pairs of rows k, k+1."""
     M, K = x.shape

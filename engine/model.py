@@ -517,7 +517,8 @@ def load(path, threads: int | None = None, backend: str | None = None, threading
     (see gptcpu.engine.blas; both once per process). threads sets every pool at once; the
     default is the CPUs this process may use (its affinity, capped by a container's CPU quota).
     kv_cache: "f32" or "f16", the KV cache of generate, generate_batch and the server (default:
-    f32 for f32 weights, f16 for the others)."""
+    f32 for f32 weights, f16 for the others). The first load also raises glibc's malloc
+    thresholds for the process, unless the environment sets them (engine.heap)."""
     from .config import Config
     from .heap import keep_temporaries
     from .threads import available_cpus, set_threads
