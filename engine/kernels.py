@@ -787,27 +787,57 @@ def _panels(N, T):
     return nc, (N + nc - 1) // nc, nc // NR
 
 
-@njit(fastmath=True, boundscheck=False, cache=True, nogil=True)
-def _edge_in(out, ct, i0, c0, rows, cols, keep):   # an edge tile's sums so far into the scratch tile
-    for r in range(MR):
-        for j in range(NR):
-            ct[r * NR + j] = out[i0 + r, c0 + j] if keep and r < rows and j < cols else np.float32(0)
+def _micro(xp, xs, ib, kb, K, kk, wb, wo, c, co, ldc, first):
+    """The micro-kernel for x's packing: c[co + r*ldc + j] = (0 if first else c[...]) + the sums
+    over k-block kb (kk rows) of x's rows ib*MR.. times micro-panel wb[wo:]: _tile for f32 x
+    (_gemm), _tile_pairs for int16 pairs and their scales xs (_gemm_pairs)."""
+
+
+@overload(_micro, inline="always")
+def _micro_impl(xp, xs, ib, kb, K, kk, wb, wo, c, co, ldc, first):
+    if xp.dtype == types.float32:
+        def f32(xp, xs, ib, kb, K, kk, wb, wo, c, co, ldc, first):
+            _tile(xp, (ib * K + kb * KC) * MR, wb, wo, kk, c, co, ldc, first)
+        return f32
+
+    def pairs(xp, xs, ib, kb, K, kk, wb, wo, c, co, ldc, first):
+        nkb = (K + KC - 1) // KC
+        KP = nkb * (KC // 2)
+        _tile_pairs(xp, ib * MR * KP + kb * (KC // 2), KP, wb, wo, (kk + 1) // 2, c, co, ldc, first, xs,
+                    (ib * nkb + kb) * MR)
+    return pairs
 
 
 @njit(fastmath=True, boundscheck=False, cache=True, nogil=True)
-def _edge_out(out, ct, i0, c0, rows, cols):   # and back
-    for r in range(rows):
-        for j in range(cols):
-            out[i0 + r, c0 + j] = ct[r * NR + j]
-
-
-@njit(fastmath=True, boundscheck=False, cache=True, nogil=True)
-def _finish(out, i0, rows, c0, cols, scale, bias):   # a tile's finished sums: their epilogue
-    if scale.size or bias.size:
-        for r in range(rows):
-            o = out[i0 + r]
-            for j in range(c0, c0 + cols):
-                o[j] = _epilogue(o[j], scale, bias, j)
+def _tiles(xp, xs, out, ct, wb, ps, nmp, j0, jn, kb, kk, K, scale, bias):
+    """Every MR x NR tile of out's columns j0:jn over k-block kb (kk rows of w, packed in wb's
+    nmp micro-panels of ps), for gemm's two packings of x (_micro). An edge tile goes through
+    the scratch tile ct; after w's last block, each tile gets its epilogue."""
+    M = out.shape[0]
+    last = kb * KC + kk == K
+    for mp in range(nmp):
+        c0 = j0 + mp * NR
+        cols = min(NR, jn - c0)
+        if cols <= 0:
+            break
+        for ib in range((M + MR - 1) // MR):
+            i0 = ib * MR
+            rows = min(MR, M - i0)
+            if rows == MR and cols == NR and out.strides[1] == 4:
+                _micro(xp, xs, ib, kb, K, kk, wb, mp * ps, out[i0], c0, out.strides[0] // 4, kb == 0)
+            else:
+                for r in range(MR):
+                    for j in range(NR):
+                        ct[r * NR + j] = out[i0 + r, c0 + j] if kb > 0 and r < rows and j < cols else np.float32(0)
+                _micro(xp, xs, ib, kb, K, kk, wb, mp * ps, ct, 0, NR, False)
+                for r in range(rows):
+                    for j in range(cols):
+                        out[i0 + r, c0 + j] = ct[r * NR + j]
+            if last and (scale.size or bias.size):
+                for r in range(rows):
+                    o = out[i0 + r]
+                    for j in range(c0, c0 + cols):
+                        o[j] = _epilogue(o[j], scale, bias, j)
 
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
@@ -863,23 +893,7 @@ def _gemm(x, w, out, scale, bias, transposed, T):
                             else:
                                 for j in range(NR):
                                     wb[b + j] = widen(row[c0 + j]) if c0 + j < jn else np.float32(0)
-                last = k0 + kk == K
-                for mp in range(nmp):
-                    c0 = j0 + mp * NR
-                    cols = min(NR, jn - c0)
-                    if cols <= 0:
-                        break
-                    for ib in range(nib):
-                        i0 = ib * MR
-                        rows = min(MR, M - i0)
-                        if rows == MR and cols == NR and out.strides[1] == 4:
-                            _tile(xp, (ib * K + k0) * MR, wb, mp * ps, kk, out[i0], c0, out.strides[0] // 4, k0 == 0)
-                        else:   # an edge tile: through a scratch tile
-                            _edge_in(out, ct, i0, c0, rows, cols, k0 > 0)
-                            _tile(xp, (ib * K + k0) * MR, wb, mp * ps, kk, ct, 0, NR, False)
-                            _edge_out(out, ct, i0, c0, rows, cols)
-                        if last:
-                            _finish(out, i0, rows, c0, cols, scale, bias)
+                _tiles(xp, NONE, out, ct, wb, ps, nmp, j0, jn, k0 // KC, kk, K, scale, bias)
 
 
 @intrinsic
@@ -1100,24 +1114,7 @@ def _gemm_pairs(x, w, out, scale, bias, transposed, T):
                             else:
                                 for j in range(NR):
                                     wb[b + j] = _pair(lo[c0 + j], hi[c0 + j]) if c0 + j < jn else 0
-                last = k0 + kk == K
-                for mp in range(nmp):
-                    c0 = j0 + mp * NR
-                    cols = min(NR, jn - c0)
-                    if cols <= 0:
-                        break
-                    for ib in range(nib):
-                        i0 = ib * MR
-                        rows = min(MR, M - i0)
-                        xo, so = ib * MR * KP + kb * (KC // 2), (ib * nkb + kb) * MR
-                        if rows == MR and cols == NR and out.strides[1] == 4:
-                            _tile_pairs(xq, xo, KP, wb, mp * ps, npairs, out[i0], c0, out.strides[0] // 4, kb == 0, xs, so)
-                        else:   # an edge tile: through a scratch tile
-                            _edge_in(out, ct, i0, c0, rows, cols, kb > 0)
-                            _tile_pairs(xq, xo, KP, wb, mp * ps, npairs, ct, 0, NR, False, xs, so)
-                            _edge_out(out, ct, i0, c0, rows, cols)
-                        if last:
-                            _finish(out, i0, rows, c0, cols, scale, bias)
+                _tiles(xq, xs, out, ct, wb, ps, nmp, j0, jn, kb, kk, K, scale, bias)
 
 
 def _gemm_for(w):
