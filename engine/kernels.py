@@ -26,6 +26,25 @@ from numba.extending import intrinsic, overload
 
 from . import threads
 
+def _full_width_vectors() -> None:
+    """Let LLVM vectorize loops with the CPU's widest registers. On Intel's AVX-512 CPUs
+    (Skylake-SP to Emerald Rapids) LLVM prefers 256-bit vectors in the loops it vectorizes, so
+    the decode GEMVs ran on half-width registers there (Xeon, Emerald Rapids, 2 threads,
+    GPT-2-small decode interleaved: f32 +5%, bf16 +15%, f16 +17%, q8 +17% with 512-bit ones).
+    It must run before numba's CPU target exists (its first @njit); not where NUMBA_CPU_NAME
+    or NUMBA_CPU_FEATURES already say what to compile for; a no-op on CPUs without the
+    preference (AMD's, AVX2-only ones)."""
+    import numba
+    from numba.core.codegen import get_host_cpu_features
+
+    if numba.config.CPU_NAME is None and numba.config.CPU_FEATURES is None:
+        features = get_host_cpu_features()
+        if "+avx512f" in features.split(","):
+            numba.config.CPU_FEATURES = features + ",-prefer-256-bit"
+
+
+_full_width_vectors()
+
 F32 = np.float32
 LAYERS = {"openmp": "omp", "tbb": "tbb", "sequential": "workqueue"}  # our names -> numba's
 
@@ -60,6 +79,7 @@ def threading_layer() -> str:
 
 
 BLOCK = 256   # matvec_t: output rows per parallel task
+ROWS_AHEAD = 8  # matvec_t: one weight row at a time, the row this far ahead is prefetched
 SMALL = 512 << 10  # matvec: matrices up to this size are split by columns (they stay in L2)
 CHUNK = 1024  # matvec: at most this many columns of eight weight rows kept in L1 (32 KB at f32)
 #               while every row of x uses them; a row splits into chunks of equal width
@@ -384,13 +404,19 @@ def matvec_t(x, w, out, scale, bias):
     1.9-2.1 -> 1.4-1.6 ms and q8 0.80-0.93 -> 0.70-0.81 against four weight rows read side by
     side (f32 the same, ~3 ms); M=2 bf16 2.9 -> 1.7, q8 1.8 -> 1.1. With four rows of x at
     int8, the next four weight rows are prefetched while these are summed (see matvec): M=8
-    3.7 ms without, 2.4 with; the one-row dot products go faster without.
+    3.7 ms without, 2.4 with. At M < 4, int8 and 16-bit rows of up to 2 KB (GPT-2's 768 and
+    1,024 wide) get the row ROWS_AHEAD ahead prefetched, whole, as each row starts: there the
+    hardware prefetchers barely start on one row before the next (Xeon, Emerald Rapids, 2
+    threads, [50257, 768] from memory: q8 13.6-14.6 -> 20-23 GB/s, bf16 9-17 -> 23-26 GB/s);
+    on 4 KB rows (GPT-J's) it gained nothing.
     """
     M, K = x.shape
     N = w.shape[0]
     nblk = (N + BLOCK - 1) // BLOCK
     m4 = M - M % 4                   # rows of x taken four at a time
     burst = prefetch_line(w) == 64   # int8: ask for the next four rows while these are summed
+    line = prefetch_line(w)
+    ahead = line > 0 and m4 == 0 and K * w.itemsize <= 2048   # M < 4: short rows prefetched ahead
     for b in prange(nblk):
         n0, n1 = b * BLOCK, min(N, b * BLOCK + BLOCK)
         n4 = n0 + (n1 - n0) // 4 * 4 if m4 else n0   # weight rows [n0, n4) go four at a time
@@ -433,6 +459,10 @@ def matvec_t(x, w, out, scale, bias):
                 out[m + 3, n], out[m + 3, n + 1], out[m + 3, n + 2], out[m + 3, n + 3] = s30, s31, s32, s33
         for n in range(n0, n1):      # what is left: one weight row at a time
             row = w[n]
+            if ahead:
+                p = w[min(n + ROWS_AHEAD, N - 1)]
+                for k in range(0, K, line):
+                    _prefetch(p, k)
             for m in range(m4 if n < n4 else 0, M):
                 a = x[m]
                 s = np.float32(0)

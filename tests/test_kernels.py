@@ -132,6 +132,29 @@ def test_kernels_on_eight_lane_vectors():
     assert r.returncode == 0, r.stderr
 
 
+def test_kernels_compile_for_the_full_vector_width():
+    """On an AVX-512 CPU the kernels are compiled with LLVM's preference for 256-bit vectors
+    turned off (Intel's AVX-512 CPUs have it); where NUMBA_CPU_NAME or NUMBA_CPU_FEATURES say
+    what to compile for, that is what numba gets."""
+    from numba.core.codegen import get_host_cpu_features
+
+    code = ("import gptcpu.engine.kernels, numba; from numba.core.registry import cpu_target\n"
+            "print(numba.config.CPU_FEATURES); print(cpu_target.target_context.codegen()._tm_features)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU_")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    asked, compiled = r.stdout.split()
+    host = get_host_cpu_features()
+    if "+avx512f" in host.split(","):
+        assert asked == host + ",-prefer-256-bit" and compiled.endswith(",-prefer-256-bit")
+    else:
+        assert asked == "None" and "prefer-256-bit" not in compiled
+    r = subprocess.run([sys.executable, "-c", code], env={**env, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": AVX2},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [AVX2, AVX2]
+
+
 def f16_bits(x: np.ndarray) -> np.ndarray:
     """What the f16 KV cache holds for x: NumPy's round to nearest even, clamped to +-65504."""
     return np.clip(x, -65504, 65504).astype(np.float16).view(np.int16)
