@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -126,8 +127,22 @@ def matrix(shape: str, models: dict, dtypes, prompt: int, new: int) -> list[dict
     return out
 
 
-def render(tables: list[dict], mat: list[dict]) -> str:
-    lines = []
+def machine() -> str:
+    """The CPU the figures come from: its model name, LLVM's name for it, the cores this process may use."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    from llvmlite import binding   # the microarchitecture, which a VM's model name may hide
+    return f"{name} ({binding.get_host_cpu_name()}), {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
+
+
+def render(tables: list[dict], mat: list[dict], cpu: str = "") -> str:
+    lines = [f"Machine: {cpu}", ""] if cpu else []
     for t in tables:
         bw = t["read_bandwidth"]
         how = ("interleaved in one process, a token of each dtype in turn" if t.get("interleaved")
@@ -201,10 +216,11 @@ def main(argv=None) -> None:
                                                 args.prompt, args.new))
         if args.matrix or args.matrix_only:
             mat += matrix(shape, models, args.matrix_dtypes.split(","), args.prompt, args.new)
-    text = render(tables, mat)
+    cpu = machine()
+    text = render(tables, mat, cpu)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "backends.json").write_text(json.dumps({"tables": tables, "matrix": mat}, indent=2) + "\n")
+    (args.out / "backends.json").write_text(json.dumps({"machine": cpu, "tables": tables, "matrix": mat}, indent=2) + "\n")
     (args.out / "backends.md").write_text(text + "\n")
     if args.plot and tables:
         plot(tables, args.plot)

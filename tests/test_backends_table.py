@@ -110,3 +110,11 @@ def test_read_probe_reads_cold_slices_in_turn(tmp_path, monkeypatch):
         assert probe.read() > 0 and probe.read() > 0
         assert probe.next == 6
     assert speed.read_bandwidth(1, nbytes=4 << 20, repeats=2) > 0
+
+
+def test_the_tables_say_which_cpu_they_come_from():
+    from gptcpu.bench import backends
+
+    cpu = backends.machine()
+    assert cpu.endswith(" cores") and "(" in cpu   # model name (LLVM's name for it), N cores
+    assert backends.render([], [], cpu).splitlines()[0] == f"Machine: {cpu}"
