@@ -26,6 +26,7 @@ from numba.extending import intrinsic, overload
 
 from . import threads
 
+
 def _full_width_vectors() -> None:
     """Let LLVM vectorize loops with the CPU's widest registers. On Intel's AVX-512 CPUs
     (Skylake-SP to Emerald Rapids) LLVM prefers 256-bit vectors in the loops it vectorizes, so
