@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -128,7 +127,7 @@ def matrix(shape: str, models: dict, dtypes, prompt: int, new: int) -> list[dict
 
 
 def machine() -> str:
-    """The CPU the figures come from: its model name, LLVM's name for it, the cores this process may use."""
+    """The CPU the figures come from: its model name, LLVM's name for it, the CPUs gptcpu uses by default."""
     import platform
 
     name = platform.processor() or platform.machine()
@@ -138,7 +137,9 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     from llvmlite import binding   # the microarchitecture, which a VM's model name may hide
-    return f"{name} ({binding.get_host_cpu_name()}), {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
+
+    from gptcpu.engine.threads import available_cpus
+    return f"{name} ({binding.get_host_cpu_name()}), {available_cpus()} cores"
 
 
 def render(tables: list[dict], mat: list[dict], cpu: str = "") -> str:

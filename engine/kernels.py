@@ -434,8 +434,8 @@ def matvec_t(x, w, out, scale, bias):
     N = w.shape[0]
     nblk = (N + BLOCK - 1) // BLOCK
     m4 = M - M % 4                   # rows of x taken four at a time
-    burst = prefetch_line(w) == 64   # int8: ask for the next four rows while these are summed
     line = prefetch_line(w)
+    burst = line == 64   # int8: ask for the next four rows while these are summed
     ahead = line > 0 and m4 == 0 and K * w.itemsize <= 2048   # M < 4: short rows prefetched ahead
     for b in prange(nblk):
         n0, n1 = b * BLOCK, min(N, b * BLOCK + BLOCK)
