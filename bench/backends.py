@@ -68,7 +68,8 @@ def row(decode, prefill, f32_decode, f32_prefill, bandwidths, nbytes, same_token
             "same_tokens_as_f32": same_tokens}
 
 
-def dtype_table(shape: str, models: dict, threads: int, repeats: int, prompt: int, new: int) -> dict:
+def dtype_table(shape: str, models: dict, threads: int, repeats: int, prompt: int, new: int,
+                backend: str = "openblas") -> dict:
     from gptcpu.engine.info import account, config_of
 
     runs = {dt: [] for dt in models}
@@ -78,7 +79,8 @@ def dtype_table(shape: str, models: dict, threads: int, repeats: int, prompt: in
         for dt, folder in models.items():
             bw.append(run(["--bandwidth", "--threads", str(threads)])["read_bandwidth"])
             bws[dt].append(bw[-1])
-            runs[dt].append(run([str(folder), "--threads", str(threads), "--prompt", str(prompt), "--new", str(new)]))
+            runs[dt].append(run([str(folder), "--backend", backend, "--threads", str(threads), "--prompt", str(prompt),
+                                 "--new", str(new)]))
             print(f"{shape} {dt} repeat {r}: decode {runs[dt][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
     nbytes = account(config_of(str(models["f32"])))["decode_bytes_per_token"]
     f32 = runs["f32"]
@@ -88,16 +90,18 @@ def dtype_table(shape: str, models: dict, threads: int, repeats: int, prompt: in
                     [x["decode_tok_s"] for x in f32], [x["prefill_tok_s"] for x in f32], bws[dt], nbytes[dt],
                     rs[0]["tokens"] == f32[0]["tokens"])
             for dt, rs in runs.items()}
-    return {"shape": shape, "threads": threads, "read_bandwidth": med(bw), "read_bandwidth_runs": bw, "rows": rows}
+    return {"shape": shape, "threads": threads, "backend": backend, "read_bandwidth": med(bw), "read_bandwidth_runs": bw,
+            "rows": rows}
 
 
-def interleaved_table(shape: str, models: dict, threads: int, repeats: int, prompt: int, new: int) -> dict:
+def interleaved_table(shape: str, models: dict, threads: int, repeats: int, prompt: int, new: int,
+                      backend: str = "openblas") -> dict:
     """The dtypes decoding token by token in turn in one process: ratios paired within each
     repeat, each repeat's roofline at the median read bandwidth of its rounds."""
     from gptcpu.engine.info import account, config_of
 
     dts = list(models)
-    x = run(["--interleave", *(str(models[dt]) for dt in dts), "--threads", str(threads),
+    x = run(["--interleave", *(str(models[dt]) for dt in dts), "--backend", backend, "--threads", str(threads),
              "--repeats", str(repeats), "--prompt", str(prompt), "--new", str(new)])
     nbytes = account(config_of(str(models["f32"])))["decode_bytes_per_token"]
     bw = x["read_bandwidth"]
@@ -107,7 +111,7 @@ def interleaved_table(shape: str, models: dict, threads: int, repeats: int, prom
         rows[dt] = row(x["decode_tok_s"][i], x["prefill_tok_s"][i], x["decode_tok_s"][f32], x["prefill_tok_s"][f32],
                        bw, nbytes[dt], x["tokens"][i] == x["tokens"][f32])
         print(f"{shape} {dt} interleaved: decode {rows[dt]['decode']['median']:.1f} tok/s", file=sys.stderr)
-    return {"shape": shape, "threads": threads, "interleaved": True,
+    return {"shape": shape, "threads": threads, "backend": backend, "interleaved": True,
             "read_bandwidth": med(bw), "read_bandwidth_runs": bw,
             "read_bandwidth_range": x["read_bandwidth_range"], "rows": rows}
 
@@ -148,7 +152,8 @@ def render(tables: list[dict], mat: list[dict], cpu: str = "") -> str:
         bw = t["read_bandwidth"]
         how = ("interleaved in one process, a token of each dtype in turn" if t.get("interleaved")
                else "each run in its own process")
-        lines += [f"**{t['shape']}**, batch 1, {t['threads']} threads, OpenBLAS, {how}; read bandwidth "
+        blas = {"openblas": "OpenBLAS", "mkl": "MKL"}.get(t.get("backend", "openblas"), t.get("backend"))
+        lines += [f"**{t['shape']}**, batch 1, {t['threads']} threads, {blas}, {how}; read bandwidth "
                   f"{bw['median'] / 1e9:.1f} GB/s ({bw['min'] / 1e9:.1f}-{bw['max'] / 1e9:.1f})", "",
                   "| weights | prefill tok/s | vs f32 | decode tok/s | vs f32 | roofline | of roofline | tokens = f32 |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -203,18 +208,22 @@ def main(argv=None) -> None:
     ap.add_argument("--matrix", action="store_true", help="also every backend x threading x threads 1, 2")
     ap.add_argument("--matrix-dtypes", default="f32,bf16")
     ap.add_argument("--matrix-only", action="store_true", help="skip the per-dtype tables")
+    ap.add_argument("--backend", choices=["openblas", "mkl"],
+                    help="the BLAS of the per-dtype tables (default: gptcpu's, engine.blas.default_backend)")
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gptcpu-bench"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
     tables, mat = [], []
+    from gptcpu.engine.blas import default_backend
+    backend = args.backend or default_backend()
     for shape in args.models.split(","):
         models = folders(shape, args.work)
         if not args.matrix_only:
-            tables.append(dtype_table(shape, models, args.threads, args.repeats, args.prompt, args.new))
+            tables.append(dtype_table(shape, models, args.threads, args.repeats, args.prompt, args.new, backend))
             if args.interleaved_repeats:
                 tables.append(interleaved_table(shape, models, args.threads, args.interleaved_repeats,
-                                                args.prompt, args.new))
+                                                args.prompt, args.new, backend))
         if args.matrix or args.matrix_only:
             mat += matrix(shape, models, args.matrix_dtypes.split(","), args.prompt, args.new)
     cpu = machine()

@@ -34,7 +34,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     if args.interleave:
-        print(json.dumps(interleaved(args.interleave, args.threads, args.repeats, args.prompt, args.new)))
+        print(json.dumps(interleaved(args.interleave, args.threads, args.repeats, args.prompt, args.new,
+                                     args.backend, args.threading)))
         return
 
     if args.bandwidth:
@@ -59,7 +60,8 @@ def main(argv=None) -> None:
                       "dtype": m.config.dtype}))
 
 
-def interleaved(folders: list[str], threads: int, repeats: int, prompt: int, new: int) -> dict:
+def interleaved(folders: list[str], threads: int, repeats: int, prompt: int, new: int,
+                backend: str | None = None, threading: str | None = None) -> dict:
     """The models side by side in one process: each repeat prefills each model in turn, then
     decodes one token of each in turn (the order rotating every step), so that every model's
     steps sample the same minutes of this machine's drifting memory speed. Each round of
@@ -73,7 +75,7 @@ def interleaved(folders: list[str], threads: int, repeats: int, prompt: int, new
     import gptcpu
     from gptcpu.bench.speed import ReadProbe
 
-    models = [gptcpu.load(f, threads=threads) for f in folders]
+    models = [gptcpu.load(f, threads=threads, backend=backend, threading=threading) for f in folders]
     n_vocab = min(m.config.n_vocab for m in models)
     ids = np.random.default_rng(0).integers(0, min(n_vocab, 50257), prompt).tolist()
     for m in models:

@@ -37,7 +37,7 @@ def test_ratios_are_paired_within_each_repeat(monkeypatch, factory):
     assert q8["of_roofline"]["median"] == pytest.approx(per_run[2])                # unpaired: 30 x nbytes / 1e9
     assert q8["of_roofline"]["min"] == pytest.approx(per_run[1])
     assert t["read_bandwidth"]["median"] == 3.5e9   # of all six measurements
-    assert "2.00x (2.00-3.00)" in backends.render([t], [])
+    assert "2.00x (2.00-3.00)" in backends.render([t], []) and ", OpenBLAS, " in backends.render([t], [])
 
 
 def test_interleaved_ratios_and_roofline_of_its_rounds(monkeypatch, factory):
@@ -54,8 +54,9 @@ def test_interleaved_ratios_and_roofline_of_its_rounds(monkeypatch, factory):
                 "read_bandwidth_range": [[1e9, 4e9]] * 3}
 
     monkeypatch.setattr(backends, "run", fake_run)
-    t = backends.interleaved_table("gpt2", {"f32": folder, "q8": folder}, 2, 3, 8, 8)
+    t = backends.interleaved_table("gpt2", {"f32": folder, "q8": folder}, 2, 3, 8, 8, backend="mkl")
     assert calls[0][:3] == ["--interleave", str(folder), str(folder)] and "--repeats" in calls[0]
+    assert calls[0][calls[0].index("--backend") + 1] == "mkl"   # the BLAS the table says it ran on
     q8 = t["rows"]["q8"]
     assert q8["decode_vs_f32"] == {"median": 2.0, "min": 2.0, "max": 3.0}
     assert q8["prefill_vs_f32"]["median"] == 0.9
@@ -65,7 +66,7 @@ def test_interleaved_ratios_and_roofline_of_its_rounds(monkeypatch, factory):
     assert q8["of_roofline"]["median"] == pytest.approx(sorted(per_repeat)[1])
     assert t["read_bandwidth"]["median"] == 2e9
     assert q8["same_tokens_as_f32"] is False and t["rows"]["f32"]["same_tokens_as_f32"] is True
-    assert "interleaved in one process" in backends.render([t], [])
+    assert "interleaved in one process" in backends.render([t], []) and ", MKL, " in backends.render([t], [])
 
 
 def test_run_one_interleaves_models_in_one_process(factory, monkeypatch):
