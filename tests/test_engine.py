@@ -391,6 +391,31 @@ def test_backend_and_threading_flags_take_effect(backend, threading, expect):
         assert all(": 2 threads" in line for line in r.stdout.splitlines() if "threads  [" in line), r.stdout
 
 
+def test_default_backend_is_mkl_on_intel_cpus_where_installed():
+    """MKL by default only where it won (a Xeon's prefill GEMMs), never where it lost (AMD) or
+    is missing; $GPTCPU_BACKEND and --backend still decide over it."""
+    import os
+    import subprocess
+    import sys
+
+    from gptcpu.engine import blas
+    assert blas.pick_backend("GenuineIntel", True) == "mkl"
+    assert blas.pick_backend("GenuineIntel", False) == "openblas"
+    assert blas.pick_backend("AuthenticAMD", True) == "openblas"
+    assert blas.pick_backend("", True) == "openblas"
+    env = {k: v for k, v in os.environ.items() if k not in ("GPTCPU_BACKEND", "GPTCPU_THREADING")}
+    want = blas.pick_backend(blas.cpu_vendor(), blas.find_library("libmkl_rt.so*") is not None)
+    r = subprocess.run([sys.executable, "-m", "gptcpu.engine.cli", "info", "--system", "--threads", "2"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"backend {want}" in r.stdout, (want, r.stdout)
+    if want == "mkl":   # and on one pool with the kernels
+        assert "(gnu)" in r.stdout and "layer omp" in r.stdout, r.stdout
+    for r in (run_cli("info", "--system", "--backend", "openblas", "--threads", "2"),
+              run_cli("info", "--system", "--threads", "2", env={"GPTCPU_BACKEND": "openblas"})):
+        assert r.returncode == 0 and "backend openblas" in r.stdout, r.stdout + r.stderr
+
+
 @needs_mkl
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_greedy_output_identical_across_backends(factory, dtype):
