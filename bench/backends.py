@@ -134,15 +134,11 @@ def machine() -> str:
     """The CPU the figures come from: its model name, LLVM's name for it, the CPUs gptcpu uses by default."""
     import platform
 
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     from llvmlite import binding   # the microarchitecture, which a VM's model name may hide
 
+    from gptcpu.engine.blas import cpuinfo
     from gptcpu.engine.threads import available_cpus
+    name = cpuinfo("model name") or platform.processor() or platform.machine()
     return f"{name} ({binding.get_host_cpu_name()}), {available_cpus()} cores"
 
 

@@ -122,18 +122,19 @@ def pick_backend(vendor: str, has_mkl: bool) -> str:
     return "mkl" if vendor == "GenuineIntel" and has_mkl else "openblas"
 
 
-def cpu_vendor() -> str:
-    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), or "" where there is none."""
+def cpuinfo(key: str) -> str:
+    """The first value of `key` in /proc/cpuinfo ("vendor_id": "GenuineIntel", "AuthenticAMD";
+    "model name"; ...), or "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)), "")
     except OSError:
         return ""
 
 
 def default_backend() -> str:
     """$GPTCPU_BACKEND, else pick_backend for this machine."""
-    return os.environ.get("GPTCPU_BACKEND") or pick_backend(cpu_vendor(), find_library("libmkl_rt.so*") is not None)
+    return os.environ.get("GPTCPU_BACKEND") or pick_backend(cpuinfo("vendor_id"), find_library("libmkl_rt.so*") is not None)
 
 
 def use(backend: str | None = None, threading: str | None = None) -> None:

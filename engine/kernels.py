@@ -272,9 +272,9 @@ def matvec(x, w, out, scale=NONE, bias=NONE):
     the window full, lost ~12% to them and goes without). Prefetching changes no sum.
     Each line's vectors are summed by _eight_rows_vec, not by the loop vectorizer, whose
     overlap checks before every line cost as many instructions as the arithmetic: on AMD Zen 5,
-    where memory holds the step, that changed nothing; on a 2-core Xeon (Emerald Rapids), where
-    the GEMV is bound by its instructions even from memory, decode bf16 and f16 went 1.75-1.87x
-    -> 1.92-1.98x f32 (GPT-2 small, interleaved), q8 level.
+    where memory holds the step, that changed nothing; on a 2-core Xeon (Emerald Rapids) decode
+    bf16 and f16 went 1.75-1.87x -> 1.92-1.98x f32 (GPT-2 small, interleaved), q8 level (there
+    a q8 GEMV with a third of the instructions, on vpdpbusd, was level too: README).
     """
     _matvec(x, w, out, threads.kernel_threads(), scale, bias)
 

@@ -515,8 +515,9 @@ def load(path, threads: int | None = None, backend: str | None = None, threading
 
     backend: "openblas" (NumPy's own) or "mkl" (default: $GPTCPU_BACKEND, else MKL on an Intel
     CPU where the mkl extra is installed, else OpenBLAS); threading: "openmp", "tbb" or
-    "sequential" (see gptcpu.engine.blas; both once per process). threads sets every pool at once; the
-    default is the CPUs this process may use (its affinity, capped by a container's CPU quota).
+    "sequential" (see gptcpu.engine.blas; both once per process). threads sets every pool at
+    once; the default is the CPUs this process may use (its affinity, capped by a container's
+    CPU quota).
     kv_cache: "f32" or "f16", the KV cache of generate, generate_batch and the server (default:
     f32 for f32 weights, f16 for the others). The first load also raises glibc's malloc
     thresholds for the process, unless the environment sets them (engine.heap)."""
