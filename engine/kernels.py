@@ -561,6 +561,19 @@ def attend_decode(q, k, v, K, V, slots, ends, scale, out):
             o[d] *= inv
 
 
+@njit(parallel=True, boundscheck=False, cache=True, nogil=True)
+def round_bf16(x, out):
+    """out [M, K] uint16 = x [M, K] float32 as bf16 bits, rounded to nearest even as
+    weights.f32_to_bf16 and torch round (NaN stays NaN): prefill's activations for a bf16 GEMM."""
+    M, K = x.shape
+    for i in prange(M):
+        row, o = x[i], out[i]
+        for j in range(K):
+            u = _f32_bits(row[j])
+            r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            o[j] = np.uint16(0x7FC0) if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else np.uint16(r)
+
+
 @njit(fastmath=True, boundscheck=False, cache=True, nogil=True)
 def store_kv(dst, t0, src):
     """dst[h, t0 + t, :] = src[t, h, :]: a prompt chunk's keys or values into one slot of the

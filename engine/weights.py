@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kernels
+from . import blas, kernels
 from .errors import GptcpuError
 
 # safetensors dtype name -> NumPy dtype of the stored bytes (BF16: raw uint16 bit patterns)
@@ -166,6 +166,8 @@ class Packed:
         (decode), else the compiled GEMM (prefill). Either widens the bits in registers and
         applies q8's per-channel scale and the bias as it stores the sums."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[0] > self.MATVEC_ROWS and self.dtype == "bf16" and getattr(blas.active(), "amx_bf16", False):
+            return blas.active().matmul_bf16(x, self.bits, self.per_row, bias)
         out = np.empty((x.shape[0], self.shape[1]), np.float32)
         scale = kernels.NONE if self.scale is None else self.scale
         bias = kernels.NONE if bias is None else bias

@@ -9,9 +9,11 @@ import tempfile
 
 import numpy as np
 import pytest
+import torch
 
-from gptcpu.engine import kernels
+from gptcpu.engine import blas, kernels
 from gptcpu.engine.weights import Packed, bf16_to_f32, f32_to_bf16
+from test_engine import has_mkl
 
 SHAPES = [(1, 7, 5), (1, 768, 2304), (3, 769, 1001), (2, 130, 257), (8, 64, 513), (1, 1, 1), (5, 33, 256),
           (2, 1030, 2047), (6, 40, 262), (1, 40, 1100)]
@@ -97,7 +99,7 @@ def test_kernels_on_eight_lane_vectors():
     a batch; the int16 pairs through AVX2's pmaddwd."""
     code = """if 1:
         import numpy as np
-        from gptcpu.engine import kernels
+        from gptcpu.engine import blas, kernels
         assert kernels.LANES == 8, kernels.LANES
         rng = np.random.default_rng(0)
         for dt in ("bf16", "f16", "q8"):
@@ -381,7 +383,9 @@ def test_packed_matmul_every_path(dtype, M):
     bits, exact = stored(w32, dtype)
     scale = rng.uniform(0.5, 2, N).astype(np.float32) if dtype == "q8" else None
     x = rng.standard_normal((M, K), dtype=np.float32)
-    want = x @ (exact * scale if scale is not None else exact)
+    # (bf16 prefill on MKL's bf16 GEMM rounds x to bf16: test_bf16_prefill_on_mkls_bf16_gemm)
+    xr = bf16_to_f32(f32_to_bf16(x)) if dtype == "bf16" and M > Packed.MATVEC_ROWS and amx_active() else x
+    want = xr @ (exact * scale if scale is not None else exact)
     got = x @ Packed(bits.view(np.uint16) if dtype == "f16" else bits, dtype, scale)
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
     table = Packed(np.ascontiguousarray((bits.view(np.uint16) if dtype == "f16" else bits).T), dtype,
@@ -389,3 +393,54 @@ def test_packed_matmul_every_path(dtype, M):
     np.testing.assert_allclose(x @ table, want, atol=1e-4 * np.abs(want).max(), rtol=0)
     rows = table.rows(np.array([0, 7, N - 1]))
     np.testing.assert_array_equal(rows, (exact * scale if scale is not None else exact).T[[0, 7, N - 1]])
+
+
+def amx_active() -> bool:
+    return getattr(blas.active(), "amx_bf16", False)
+
+
+def test_round_bf16_rounds_as_torch():
+    """The compiled rounding of prefill's activations gives weights.f32_to_bf16's bits (to
+    nearest even, as torch): ties both ways, subnormals, the largest floats, infinities, NaN."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.standard_normal(4000).astype(np.float32) * 10,
+                        (rng.integers(0, 1 << 16, 2000, dtype=np.uint32) << 16 | 0x8000).view(np.float32),  # ties
+                        np.array([0, -0.0, 1e-45, -1e-40, 3.4e38, -3.4e38, np.inf, -np.inf, np.nan], np.float32)])
+    x = x[:len(x) // 7 * 7].reshape(7, -1)
+    out = np.empty(x.shape, np.uint16)
+    kernels.round_bf16(x, out)
+    np.testing.assert_array_equal(out, f32_to_bf16(x))
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    finite = np.isfinite(x)
+    np.testing.assert_array_equal(out[finite], want[finite])
+
+
+@pytest.mark.skipif(not (has_mkl() and "amx_bf16" in blas.cpuinfo("flags").split()),
+                    reason="needs the mkl extra and a CPU with AMX-BF16 (where MKL's bf16 GEMM runs bf16 prefill)")
+def test_bf16_prefill_on_mkls_bf16_gemm():
+    """With MKL on a CPU with AMX-BF16, a bf16 matrix times more than MATVEC_ROWS rows runs MKL's
+    bf16 GEMM: x rounded to bf16, f32 sums, the bias added; per-row tables (the tied head) too.
+    Up to MATVEC_ROWS rows stay on the compiled GEMV with x in f32."""
+    code = """if 1:
+        import numpy as np
+        from gptcpu.engine import blas
+        from gptcpu.engine.weights import Packed, bf16_to_f32, f32_to_bf16
+        blas.use("mkl", "openmp")
+        assert blas.active().amx_bf16
+        rng = np.random.default_rng(0)
+        for M, K, N in ((9, 96, 5000), (40, 769, 1001), (129, 1030, 257), (8, 300, 700)):
+            bits = f32_to_bf16(rng.standard_normal((K, N), dtype=np.float32))
+            x = rng.standard_normal((M, K), dtype=np.float32)
+            b = rng.standard_normal(N).astype(np.float32)
+            xr = bf16_to_f32(f32_to_bf16(x)) if M > Packed.MATVEC_ROWS else x
+            want = xr @ bf16_to_f32(bits)
+            for w in (Packed(bits, "bf16"), Packed(np.ascontiguousarray(bits.T), "bf16", per_row=True)):
+                for bias in (None, b):
+                    exp = want if bias is None else want + bias
+                    err = np.abs(w.matmul(x, bias) - exp).max() / np.abs(exp).max()
+                    assert err < 1e-6, (M, K, N, w.per_row, bias is None, err)
+                    if M > Packed.MATVEC_ROWS:   # not x in f32: the rounding is real
+                        assert np.abs(x @ bf16_to_f32(bits) - exp).max() / np.abs(exp).max() > 1e-4
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
