@@ -144,4 +144,7 @@ def describe() -> list[str]:
               f"{p.get('num_threads')} threads  [{p.get('filepath')}]" for p in threadpool_info()]
     lines.append(f"kernels: numba {numba.__version__}, layer {kernels.threading_layer()} "
                  f"(asked: {numba.config.THREADING_LAYER}), {numba.get_num_threads()} threads")
+    low = ("bf16 on MKL's bf16 GEMM (AMX-BF16, x rounded to bf16); f16 and q8" if getattr(b, "amx_bf16", False)
+           else "bf16, f16 and q8")
+    lines.append(f"prefill GEMMs: f32 weights on {b.name}'s sgemm; {low} on the compiled kernels")
     return lines

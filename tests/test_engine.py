@@ -407,6 +407,8 @@ def test_backend_and_threading_flags_take_effect(backend, threading, expect):
         assert e in r.stdout, (e, r.stdout)
     if threading != "sequential":
         assert all(": 2 threads" in line for line in r.stdout.splitlines() if "threads  [" in line), r.stdout
+    amx = backend == "mkl" and "amx_bf16" in blas.cpuinfo("flags").split()
+    assert ("bf16 on MKL's" if amx else "bf16, f16 and q8 on the compiled") in r.stdout, r.stdout   # prefill
 
 
 def test_default_backend_is_mkl_on_intel_cpus_where_installed():
