@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDARD = ["gpt2", "gpt2-medium", "gptj-4l"]
+BLAS_NAMES = {"openblas": "OpenBLAS", "mkl": "MKL"}
 STACKS = ["gptcpu", "torch", "torch-loop", "ort", "ort-opt", "ort-int8"]
 LABELS = {"torch": "transformers generate", "torch-loop": "transformers loop", "ort": "onnxruntime",
           "ort-opt": "onnxruntime optimized", "ort-int8": "onnxruntime int8"}
@@ -48,7 +49,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("source", help="HF folder or hub id, or a standard random model: " + ", ".join(STANDARD))
     ap.add_argument("--dtypes", default="f32,bf16,f16,q8", help="gptcpu weight types (default: all four)")
     ap.add_argument("--stacks", default=",".join(STACKS), help=f"any of {','.join(STACKS)} (default: all)")
-    ap.add_argument("--backend", default="openblas", help="gptcpu's BLAS: openblas, mkl or both (openblas,mkl)")
+    ap.add_argument("--backend", help="gptcpu's BLAS: openblas, mkl or both (openblas,mkl); default: the one "
+                    "gptcpu picks on this machine (MKL on Intel CPUs with the mkl extra, else OpenBLAS)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
     ap.add_argument("--prompt", type=int, default=128)
@@ -188,8 +190,8 @@ def summarize(name, args, all_cells, skipped, bw, bytes_per_token) -> dict:
                      "tokens_match": agreement(ok[0]["tokens"], ref.get(c.batch)),
                      "noisy": (decode["max"] - decode["min"]) / decode["median"] > SPREAD})
     return {"model": name, "threads": args.threads, "prompt": args.prompt, "new": args.new,
-            "repeats": args.repeats, "read_bandwidth": med(bw), "machine": machine(), "rows": rows,
-            "skipped": skipped}
+            "repeats": args.repeats, "read_bandwidth": med(bw), "machine": machine(), "backend": args.backend,
+            "rows": rows, "skipped": skipped}
 
 
 def save(out: Path, stem: str, result: dict, text: str) -> None:
@@ -202,18 +204,17 @@ def save(out: Path, stem: str, result: dict, text: str) -> None:
 
 def machine() -> str:
     import os
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = "unknown CPU"
-    return f"{cpu}, {os.cpu_count()} CPUs"
+
+    from gptcpu.engine.blas import cpuinfo
+    return f"{cpuinfo('model name') or 'unknown CPU'}, {os.cpu_count()} CPUs"
 
 
 def render(r: dict) -> str:
     bw = r["read_bandwidth"]
     lines = [f"**{r['model']}**: {r['threads']} threads, {r['prompt']}-token prompts, {r['new']} new tokens "
              f"(greedy), medians of {r['repeats']} (min-max); read bandwidth {bw['median'] / 1e9:.1f} GB/s; "
-             f"{r['machine']}", "",
+             f"{r['machine']}" + (f"; gptcpu on {BLAS_NAMES.get(r['backend'], r['backend'])}"
+                                  if "backend" in r and "," not in r["backend"] else ""), "",
              "| stack | batch | load s | TTFT ms | prefill tok/s | decode tok/s | of roofline | peak RSS MB "
              "| tokens = transformers |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -269,6 +270,9 @@ def bench(args) -> dict:
 
     from gptcpu.engine.info import account, config_of
 
+    from gptcpu.engine import blas
+
+    args.backend = args.backend or blas.default_backend()
     hf_dir, name, ours, graphs = prepare(args)
     config = config_of(str(hf_dir))
     a = account(config)

@@ -206,7 +206,9 @@ def cmd_bench(args) -> None:
     import importlib.util
 
     from gptcpu.bench.compare import STACKS, run
+    from gptcpu.engine import blas
 
+    args.backend = args.backend or blas.default_backend()   # what generate would run here
     for what, given, known in (("stack", args.stacks, STACKS), ("dtype", args.dtypes, ["f32", "bf16", "f16", "q8"]),
                                ("backend", args.backend, ["openblas", "mkl"])):
         bad = [x for x in given.split(",") if x not in known]

@@ -40,6 +40,9 @@ def test_bench_runs_every_stack_and_they_agree(factory, tmp_path, shape, stacks,
             assert x["tokens_match"] == "6/6", x
     table = (tmp_path / "r.md").read_text()
     assert table.count("\n| ") == len(rows) + 2 and "onnxruntime" in table   # header, rule, rows
+    from gptcpu.engine.blas import default_backend   # gptcpu's own choice here, named in the title
+    assert result["backend"] == default_backend()
+    assert f"gptcpu on {dict(openblas='OpenBLAS', mkl='MKL')[default_backend()]}" in table.splitlines()[0]
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert result["read_bandwidth"]["median"] > 1e8
 
@@ -49,6 +52,7 @@ def test_bench_bad_arguments_are_one_line_errors(tmp_path):
 
     assert_one_line_error(run_cli("bench", "gpt2", "--stacks", "gptcpu,tf"), "unknown stack 'tf'")
     assert_one_line_error(run_cli("bench", "gpt2", "--dtypes", "f8"), "unknown dtype 'f8'")
+    assert_one_line_error(run_cli("bench", "gpt2", "--backend", "blis"), "unknown backend 'blis'")
     assert_one_line_error(run_cli("bench", tmp_path / "nope", "--stacks", "gptcpu"), "nope")
 
 
