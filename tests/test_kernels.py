@@ -70,16 +70,17 @@ def test_matvec_kernels_match_numpy(M, K, N, dtype):
 @pytest.mark.parametrize("K,N", [(768, 2304), (1030, 777), (200, 5000)])
 def test_gemv_row_alone_is_bit_for_bit_a_batch_row(dtype, K, N):
     """One row of x (decode alone, the line-at-a-time kernel with its prefetches) and the same
-    row among others (a decode batch, the plain loop) give the same sums, bit for bit."""
+    row among others (a decode batch: four rows a pass, then the plain loop) give the same
+    sums, bit for bit."""
     rng = np.random.default_rng(K + N)
     bits, _ = stored(rng.standard_normal((K, N), dtype=np.float32), dtype)
     assert bits.nbytes > kernels.SMALL   # the row split, where the two paths differ
-    x = rng.standard_normal((3, K), dtype=np.float32)
+    x = rng.standard_normal((6, K), dtype=np.float32)   # four rows a pass (_four_rows), then two alone
     scale, bias = rng.uniform(0.5, 2, N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
     for threads in (1, 2, 3):
-        batch, alone = np.empty((3, N), np.float32), np.empty((1, N), np.float32)
+        batch, alone = np.empty((6, N), np.float32), np.empty((1, N), np.float32)
         kernels._matvec(x, bits, batch, threads, scale, bias)
-        for m in range(3):
+        for m in range(6):
             kernels._matvec(x[m:m + 1], bits, alone, threads, scale, bias)
             np.testing.assert_array_equal(alone[0], batch[m])
 
@@ -111,13 +112,14 @@ def test_kernels_on_eight_lane_vectors():
                     w = (w32.view(np.uint32) >> 16).astype(np.uint16); exact = (w.astype(np.uint32) << 16).view(np.float32)
                 else:
                     h = w32.astype(np.float16); w = h.view(np.int16); exact = h.astype(np.float32)
-                x = rng.standard_normal((3, K)).astype(np.float32)
-                batch, alone = np.empty((3, N), np.float32), np.empty((1, N), np.float32)
+                x = rng.standard_normal((5, K)).astype(np.float32)
+                batch, alone = np.empty((5, N), np.float32), np.empty((1, N), np.float32)
                 kernels._matvec(x, w, batch, 2, kernels.NONE, kernels.NONE)
-                kernels._matvec(x[1:2], w, alone, 2, kernels.NONE, kernels.NONE)
                 want = x @ exact
                 assert np.abs(batch - want).max() / np.abs(want).max() < 1e-5, (dt, K, N)
-                assert np.array_equal(alone[0], batch[1]), (dt, K, N)
+                for m in (1, 4):   # one of four rows a pass, and the row after them
+                    kernels._matvec(x[m:m + 1], w, alone, 2, kernels.NONE, kernels.NONE)
+                    assert np.array_equal(alone[0], batch[m]), (dt, K, N, m)
         assert kernels.PAIRS and not kernels.VNNI
         w = rng.integers(-127, 128, (300, 70)).astype(np.int8)
         x = rng.standard_normal((13, 300)).astype(np.float32)
