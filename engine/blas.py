@@ -122,6 +122,7 @@ class MKL:
         from . import kernels
         M, K = x.shape
         N = bits.shape[0] if per_row else bits.shape[1]
+        bits = np.ascontiguousarray(bits)   # (a stored matrix is already: no copy)
         xb = np.empty((M, K), np.uint16)
         kernels.round_bf16(np.ascontiguousarray(x, dtype=np.float32), xb)
         out = np.empty((M, N), np.float32)
