@@ -330,7 +330,7 @@ def _matvec_cols(x, w, out, threads, scale, bias):
                 out[m, n0 + j] = _epilogue(acc[j], scale, bias, n0 + j)
 
 
-@njit(fastmath=True, boundscheck=False, cache=True, nogil=True, inline="always")
+@njit(fastmath=True, boundscheck=False, cache=True, nogil=True)
 def _four_rows(x, m, k, r0, r1, r2, r3, r4, r5, r6, r7, acc, c0, c1):
     """acc[m + i, c0:c1] += x[m + i, k:k + 8] @ the eight rows r0..r7 (columns c0:c1 of w's rows
     k..k + 7), for i < 4, each weight widened once for the four: the same sum per row, in the
