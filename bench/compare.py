@@ -268,9 +268,8 @@ def plot(results: list[dict], path: Path) -> None:
 def bench(args) -> dict:
     from tqdm import tqdm
 
-    from gptcpu.engine.info import account, config_of
-
     from gptcpu.engine import blas
+    from gptcpu.engine.info import account, config_of
 
     args.backend = args.backend or blas.default_backend()
     hf_dir, name, ours, graphs = prepare(args)

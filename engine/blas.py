@@ -72,7 +72,7 @@ class MKL:
         self.rt.MKL_Set_Threading_Layer.argtypes = [ctypes.c_int]
         self.rt.MKL_Set_Threading_Layer(_MKL_LAYER[threading])
         self._sgemm, self._bf16_gemm = self._gemm("cblas_sgemm"), self._gemm("cblas_gemm_bf16bf16f32")
-        # MKL's bf16 GEMM runs on AMX's tiles where the CPU has them: 1.9-2.6x its sgemm at
+        # MKL's bf16 GEMM runs on AMX's tiles where the CPU has them: 1.7-2.7x its sgemm at
         # prefill's shapes on a Xeon (Emerald Rapids). Elsewhere it is not known to pay.
         self.amx_bf16 = "amx_bf16" in cpuinfo("flags").split()
         self.rt.MKL_Set_Num_Threads.argtypes = [ctypes.c_int]
@@ -113,7 +113,6 @@ class MKL:
         self._sgemm(_ROW_MAJOR, _NO_TRANS, trans_b, M, N, K, 1.0, a.ctypes.data, K, b.ctypes.data, ldb,
                     0.0, out.ctypes.data, ldc)
         return out
-
 
     def matmul_bf16(self, x: np.ndarray, bits: np.ndarray, per_row: bool, bias: np.ndarray | None) -> np.ndarray:
         """x [M, K] float32 @ bf16 bits [K, N] (per_row: [N, K], the product with its transpose)

@@ -164,7 +164,8 @@ class Packed:
     def matmul(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
         """x [M, K] @ self (+ bias) -> [M, N] float32: the compiled GEMV up to MATVEC_ROWS rows
         (decode), else the compiled GEMM (prefill). Either widens the bits in registers and
-        applies q8's per-channel scale and the bias as it stores the sums."""
+        applies q8's per-channel scale and the bias as it stores the sums. bf16 prefill with MKL
+        on a CPU with AMX-BF16 runs MKL's bf16 GEMM instead, x rounded to bf16 (blas.MKL.matmul_bf16)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape[0] > self.MATVEC_ROWS and self.dtype == "bf16" and getattr(blas.active(), "amx_bf16", False):
             return blas.active().matmul_bf16(x, self.bits, self.per_row, bias)
