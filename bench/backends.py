@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from gptcpu.bench.speed import ROOT, build
+from gptcpu.engine.blas import NAMES
 
 DTYPES = ("f32", "bf16", "f16", "q8")
 CONFIGS = [("openblas", "openmp"), ("openblas", "tbb"), ("mkl", "openmp"), ("mkl", "tbb"), ("mkl", "sequential")]
@@ -148,7 +149,7 @@ def render(tables: list[dict], mat: list[dict], cpu: str = "") -> str:
         bw = t["read_bandwidth"]
         how = ("interleaved in one process, a token of each dtype in turn" if t.get("interleaved")
                else "each run in its own process")
-        blas = {"openblas": "OpenBLAS", "mkl": "MKL"}.get(t.get("backend", "openblas"), t.get("backend"))
+        blas = NAMES.get(t.get("backend", "openblas"), t.get("backend"))
         lines += [f"**{t['shape']}**, batch 1, {t['threads']} threads, {blas}, {how}; read bandwidth "
                   f"{bw['median'] / 1e9:.1f} GB/s ({bw['min'] / 1e9:.1f}-{bw['max'] / 1e9:.1f})", "",
                   "| weights | prefill tok/s | vs f32 | decode tok/s | vs f32 | roofline | of roofline | tokens = f32 |",

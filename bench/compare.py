@@ -28,7 +28,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDARD = ["gpt2", "gpt2-medium", "gptj-4l"]
-BLAS_NAMES = {"openblas": "OpenBLAS", "mkl": "MKL"}
 STACKS = ["gptcpu", "torch", "torch-loop", "ort", "ort-opt", "ort-int8"]
 LABELS = {"torch": "transformers generate", "torch-loop": "transformers loop", "ort": "onnxruntime",
           "ort-opt": "onnxruntime optimized", "ort-int8": "onnxruntime int8"}
@@ -211,9 +210,11 @@ def machine() -> str:
 
 def render(r: dict) -> str:
     bw = r["read_bandwidth"]
+    from gptcpu.engine.blas import NAMES
+
     lines = [f"**{r['model']}**: {r['threads']} threads, {r['prompt']}-token prompts, {r['new']} new tokens "
              f"(greedy), medians of {r['repeats']} (min-max); read bandwidth {bw['median'] / 1e9:.1f} GB/s; "
-             f"{r['machine']}" + (f"; gptcpu on {BLAS_NAMES.get(r['backend'], r['backend'])}"
+             f"{r['machine']}" + (f"; gptcpu on {NAMES.get(r['backend'], r['backend'])}"
                                   if "backend" in r and "," not in r["backend"] else ""), "",
              "| stack | batch | load s | TTFT ms | prefill tok/s | decode tok/s | of roofline | peak RSS MB "
              "| tokens = transformers |",

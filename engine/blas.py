@@ -25,6 +25,7 @@ import numpy as np
 from .errors import GptcpuError
 
 BACKENDS = ("openblas", "mkl")
+NAMES = {"openblas": "OpenBLAS", "mkl": "MKL"}   # each backend as tables print it
 THREADINGS = ("openmp", "tbb", "sequential")
 _MKL_LAYER = {"openmp": 3, "sequential": 1, "tbb": 4}  # MKL_THREADING_GNU, _SEQUENTIAL, _TBB
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112

@@ -232,8 +232,8 @@ def add_pool_flags(p) -> None:
                    help="threads for the BLAS and the kernels (default: the CPUs this process may use, "
                         "a container's CPU quota included)")
     p.add_argument("--backend", choices=BACKENDS,
-                   help="BLAS for f32 GEMMs (default: $GPTCPU_BACKEND, else mkl on an Intel CPU where the mkl "
-                        "extra is installed, else openblas)")
+                   help="BLAS for prefill's f32 GEMMs, and bf16's on a CPU with AMX-BF16 with mkl (default: "
+                        "$GPTCPU_BACKEND, else mkl on an Intel CPU where the mkl extra is installed, else openblas)")
     p.add_argument("--threading", choices=THREADINGS,
                    help="threading layer of MKL and the kernels (default: $GPTCPU_THREADING or numba's choice)")
 

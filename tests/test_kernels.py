@@ -100,7 +100,7 @@ def test_kernels_on_eight_lane_vectors():
     a batch; the int16 pairs through AVX2's pmaddwd."""
     code = """if 1:
         import numpy as np
-        from gptcpu.engine import blas, kernels
+        from gptcpu.engine import kernels
         assert kernels.LANES == 8, kernels.LANES
         rng = np.random.default_rng(0)
         for dt in ("bf16", "f16", "q8"):
