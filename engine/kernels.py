@@ -278,6 +278,10 @@ def matvec(x, w, out, scale=NONE, bias=NONE):
     where memory holds the step, that changed nothing; on a 2-core Xeon (Emerald Rapids) decode
     bf16 and f16 went 1.75-1.87x -> 1.92-1.98x f32 (GPT-2 small, interleaved), q8 level (there
     a q8 GEMV with a third of the instructions, on vpdpbusd, was level too: README).
+
+    q8 weights, where the CPU multiplies int16 pairs, go against x rounded to int16 as in the
+    prefill GEMM (_matvec_pairs), the same for every row count; other q8 shapes (N not a
+    multiple of LANES, K of 8) and the small matrices keep f32 x.
     """
     _matvec(x, w, out, threads.kernel_threads(), scale, bias)
 
@@ -286,7 +290,7 @@ def matvec(x, w, out, scale=NONE, bias=NONE):
 def _matvec(x, w, out, T, scale, bias):   # matvec on T threads (compiled: the decode blocks call it too)
     if w.nbytes <= SMALL:
         _matvec_cols(x, w, out, T, scale, bias)
-    else:
+    elif not _matvec_int16_x(x, w, out, T, scale, bias):
         _matvec_rows(x, w, out, T, scale, bias)
 
 
@@ -297,6 +301,59 @@ def _epilogue(s, scale, bias, j):   # a stored sum: times its scale, plus its bi
     if bias.size:
         s += bias[j]
     return s
+
+
+@njit(fastmath=True, boundscheck=False, cache=True, nogil=True, inline="always")
+def _chunk_width(N):
+    """The row split's chunk of columns: equal chunks of at most CHUNK, whole lines (GPT-2's 2304
+    columns: 3 x 768, not 1024 + 1024 + 256), so that the prefetch of the next chunk, or of the
+    next rows' first, covers exactly what comes next: with a short last chunk, the next rows'
+    first went unfetched (GPT-2-small q8 w_qkv 54 -> 42 us a call, decode 4.01 -> 3.85 ms a
+    token, interleaved in one process)."""
+    chunks = (N + CHUNK - 1) // CHUNK
+    return ((N + chunks - 1) // chunks + 63) // 64 * 64
+
+
+@njit(fastmath=True, boundscheck=False, cache=True, nogil=True, inline="always")
+def _next_rows(w, k, c0, width):
+    """What the row split reads after columns c0:c0+width of rows k..k+7: these rows' next
+    chunk, or the next eight rows' first; as eight row views from there (to prefetch)."""
+    K, N = w.shape
+    kp, cp = (k, c0 + width) if c0 + width < N else (min(k + 8, K - 8), 0)
+    return (w[kp, cp:], w[kp + 1, cp:], w[kp + 2, cp:], w[kp + 3, cp:],
+            w[kp + 4, cp:], w[kp + 5, cp:], w[kp + 6, cp:], w[kp + 7, cp:])
+
+
+@njit(fastmath=True, boundscheck=False, cache=True, nogil=True, inline="always")
+def _prefetch_eight(p0, p1, p2, p3, p4, p5, p6, p7, j):   # the line at j of each of eight rows
+    _prefetch(p0, j)
+    _prefetch(p1, j)
+    _prefetch(p2, j)
+    _prefetch(p3, j)
+    _prefetch(p4, j)
+    _prefetch(p5, j)
+    _prefetch(p6, j)
+    _prefetch(p7, j)
+
+
+@njit(fastmath=True, boundscheck=False, cache=True, nogil=True, inline="always")
+def _zero(acc):   # acc [M, N] = 0 (a loop: np.zeros or acc[:] = 0 would be a parallel loop of their own)
+    for m in range(acc.shape[0]):
+        for j in range(acc.shape[1]):
+            acc[m, j] = 0
+
+
+@njit(fastmath=True, boundscheck=False, cache=True, nogil=True, inline="always")
+def _add_parts(part, out, scale, bias):
+    """out[m, j] = part[0, m, j] + part[1, m, j] + ..., in that order, then its epilogue (a loop:
+    `out += part[t]` would be a parallel loop of its own, one more fork-join a call)."""
+    T, M, N = part.shape
+    for m in range(M):
+        for j in range(N):
+            s = part[0, m, j]
+            for t in range(1, T):
+                s += part[t, m, j]
+            out[m, j] = _epilogue(s, scale, bias, j)
 
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
@@ -360,24 +417,17 @@ def _matvec_rows(x, w, out, threads, scale, bias):
     M, K = x.shape
     N = w.shape[1]
     T = min(threads, max(1, K // 16))
-    # np.zeros, and `out += part[t]` below, would each be a parallel loop of their own: three
-    # fork-joins a call, not one (GPT-2-small q8 4.15 -> 4.04 ms a token, the same sums)
+    # np.zeros, and `out += part[t]` (see _zero, _add_parts), would each be a parallel loop of
+    # their own: three fork-joins a call, not one (GPT-2-small q8 4.15 -> 4.04 ms a token)
     part = np.empty((T, M, N), np.float32)
     step = (K + T - 1) // T
     line = prefetch_line(w)
     ahead = line > 0 and M == 1
-    # equal chunks (GPT-2's 2304 columns: 3 x 768, not 1024 + 1024 + 256), so that the prefetch
-    # of the next chunk, or of the next rows' first, covers exactly what comes next: with a short
-    # last chunk, the next rows' first went unfetched (GPT-2-small q8 w_qkv 54 -> 42 us a call,
-    # decode 4.01 -> 3.85 ms a token, interleaved in one process)
-    chunks = (N + CHUNK - 1) // CHUNK
-    width = ((N + chunks - 1) // chunks + 63) // 64 * 64
+    width = _chunk_width(N)
     for t in prange(T):
         k, k1 = t * step, min(K, t * step + step)
         acc = part[t]
-        for m in range(M):
-            for j in range(N):
-                acc[m, j] = 0
+        _zero(acc)
         while k + 8 <= k1:
             for c0 in range(0, N, width):
                 c1 = min(N, c0 + width)
@@ -385,22 +435,13 @@ def _matvec_rows(x, w, out, threads, scale, bias):
                 r4, r5, r6, r7 = w[k + 4, c0:c1], w[k + 5, c0:c1], w[k + 6, c0:c1], w[k + 7, c0:c1]
                 if ahead:  # the same sums, a line of each row at a time, each with its prefetch
                     # of what comes next: these rows' next chunk, or the next eight rows' first
-                    kp, cp = (k, c0 + width) if c0 + width < N else (min(k + 8, K - 8), 0)
                     x0, x1, x2, x3 = x[0, k], x[0, k + 1], x[0, k + 2], x[0, k + 3]
                     x4, x5, x6, x7 = x[0, k + 4], x[0, k + 5], x[0, k + 6], x[0, k + 7]
-                    p0, p1, p2, p3 = w[kp, cp:], w[kp + 1, cp:], w[kp + 2, cp:], w[kp + 3, cp:]
-                    p4, p5, p6, p7 = w[kp + 4, cp:], w[kp + 5, cp:], w[kp + 6, cp:], w[kp + 7, cp:]
+                    p0, p1, p2, p3, p4, p5, p6, p7 = _next_rows(w, k, c0, width)
                     a = acc[0, c0:c1]
                     jb = 0
                     while jb + line <= c1 - c0:
-                        _prefetch(p0, jb)
-                        _prefetch(p1, jb)
-                        _prefetch(p2, jb)
-                        _prefetch(p3, jb)
-                        _prefetch(p4, jb)
-                        _prefetch(p5, jb)
-                        _prefetch(p6, jb)
-                        _prefetch(p7, jb)
+                        _prefetch_eight(p0, p1, p2, p3, p4, p5, p6, p7, jb)
                         if _vector_rows(w):
                             for j in range(jb, jb + line, LANES):
                                 _eight_rows_vec(w, k, c0 + j, x, a, j)
@@ -432,12 +473,158 @@ def _matvec_rows(x, w, out, threads, scale, bias):
                 for j in range(N):
                     a[j] += x0 * widen(r0[j])
             k += 1
-    for m in range(M):   # part[0] + part[1] + ..., in that order
-        for j in range(N):
-            s = part[0, m, j]
-            for t in range(1, T):
-                s += part[t, m, j]
-            out[m, j] = _epilogue(s, scale, bias, j)
+    _add_parts(part, out, scale, bias)
+
+
+def _pairs_of_rows(R):
+    """-> the intrinsic that adds to acc[m + r, j:j+LANES], for r < R, the eight int8 weight
+    rows k..k+7 (columns j:j+LANES of w) times x's row m + r as int16 pairs (xq, KP int32s a
+    row; see _quantize_row) and its block's scale (xs, nkb a row): the weights of rows k and
+    k+1 interleaved into int16 pairs once for the R rows of x, four vpdpwssd (pmaddwd and an
+    add without VNNI) into exact integer sums, then acc += float(sum) * scale in one FMA. The
+    scale is a power of two, so that product is exact and the FMA rounds once: the same bits
+    for a row alone (R = 1) and in a group of four (R = 4)."""
+
+    @intrinsic
+    def pairs(typingctx, w, k, j, xq, kp, xs, nkb, acc, m):
+        sig = types.void(w, k, j, xq, kp, xs, nkb, acc, m)
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+            from numba.core import cgutils
+
+            wty, _, _, qty, _, sty, _, aty, _ = signature.args
+            W = context.make_array(wty)(context, builder, args[0])
+            A = context.make_array(aty)(context, builder, args[7])
+            XQ = context.make_array(qty)(context, builder, args[3]).data
+            XS = context.make_array(sty)(context, builder, args[5]).data
+            i64, i32, i16, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8)
+            ivec, fvec = ir.VectorType(i32, LANES), ir.VectorType(ir.FloatType(), LANES)
+            hvec = ir.VectorType(i16, 2 * LANES)
+            if VNNI:
+                dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ivec, [ivec] * 3),
+                                                     "llvm.x86.avx512.vpdpwssd.512")
+            else:
+                name = "llvm.x86.avx512.pmaddw.d.512" if LANES == 16 else "llvm.x86.avx2.pmadd.wd"
+                pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ivec, [hvec] * 2), name)
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec] * 3), f"llvm.fma.v{LANES}f32")
+            const = (lambda n: ir.Constant(i64, n))
+            every = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+
+            def bcast(v, ty):
+                return builder.shuffle_vector(builder.insert_element(ir.Constant(ty, ir.Undefined), v, i32(0)),
+                                              ir.Constant(ty, ir.Undefined), every)
+
+            k, j, kp, nkb, m = (builder.sext(a, i64) if a.type.width < 64 else a for a in
+                                (args[1], args[2], args[4], args[6], args[8]))
+            mix = ir.Constant(ir.VectorType(i32, 2 * LANES), [v for n in range(LANES) for v in (n, n + LANES)])
+            wp = []
+            for p in range(4):   # rows k + 2p and k + 2p + 1 as LANES int16 pairs
+                rows = []
+                for h in range(2):
+                    ptr = cgutils.get_item_pointer(context, builder, wty, W, [builder.add(k, const(2 * p + h)), j],
+                                                   wraparound=False)
+                    v = builder.load(builder.bitcast(ptr, ir.VectorType(i8, LANES).as_pointer()), align=1)
+                    rows.append(builder.sext(v, ir.VectorType(i16, LANES)))
+                wp.append(builder.shuffle_vector(rows[0], rows[1], mix))
+            half, blk = builder.sdiv(k, const(2)), builder.sdiv(k, const(KC))
+            for r in range(R):
+                mr = builder.add(m, const(r))
+                isum = ir.Constant(ivec, [0] * LANES)
+                for p in range(4):
+                    xv = builder.load(builder.gep(XQ, [builder.add(builder.add(builder.mul(mr, kp), half), const(p))]),
+                                      align=4)
+                    b = bcast(xv, ivec)
+                    if VNNI:
+                        isum = builder.call(dot, [isum, builder.bitcast(wp[p], ivec), b])
+                    else:
+                        isum = builder.add(isum, builder.call(pmadd, [wp[p], builder.bitcast(b, hvec)]))
+                sv = bcast(builder.load(builder.gep(XS, [builder.add(builder.mul(mr, nkb), blk)]), align=4), fvec)
+                pa = builder.bitcast(cgutils.get_item_pointer(context, builder, aty, A, [mr, j], wraparound=False),
+                                     fvec.as_pointer())
+                builder.store(builder.call(fma, [builder.sitofp(isum, fvec), sv, builder.load(pa, align=4)]), pa, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return pairs
+
+
+_pairs_1, _pairs_4 = _pairs_of_rows(1), _pairs_of_rows(4)
+
+
+def _matvec_int16_x(x, w, out, T, scale, bias):
+    """Run matvec as _matvec_pairs where it applies (q8 weights, a CPU that multiplies int16
+    pairs, N a multiple of LANES and K of 8: a property of w alone) -> whether it ran."""
+
+
+@overload(_matvec_int16_x)
+def _matvec_int16_x_impl(x, w, out, T, scale, bias):
+    if w.dtype != types.int8 or not PAIRS:
+        return lambda x, w, out, T, scale, bias: False
+
+    def run(x, w, out, T, scale, bias):
+        if w.shape[1] % LANES or w.shape[0] % 8:
+            return False
+        _matvec_pairs(x, w, out, T, scale, bias)
+        return True
+    return run
+
+
+@njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
+def _matvec_pairs(x, w, out, threads, scale, bias):
+    """_matvec_rows for q8 weights against x rounded to int16 as the q8 GEMM does (_quantize_row:
+    per row and KC-block, a power-of-two scale, at most 2^-15 of the block's largest |x| lost),
+    the integer products summed eight rows at a time (_pairs_1, _pairs_4): where _matvec_rows
+    widens every weight to f32 for one FMA each, two weights go into each lane of one vpdpwssd.
+    Decode and prefill then round x the same way. The same split (rows in multiples of eight a
+    thread), chunks and prefetches as _matvec_rows; each row's sums the same bits alone or with
+    others. Against _matvec_rows, in one process, alternating, 64 MB read before each step
+    (2-core Xeon, Emerald Rapids): GPT-2-small q8 decode 1.11-1.14x at batch 1, 1.11x at
+    batch 4, GPT-J width 1.23x; the same greedy tokens. GPT-2-small's 48 GEMVs alone, from
+    memory: 1.15-1.21x (its prototype)."""
+    M, K = x.shape
+    N = w.shape[1]
+    T = min(threads, max(1, K // 16))
+    nkb = (K + KC - 1) // KC
+    KP = nkb * KC // 2
+    q16 = np.empty(M * nkb * KC, np.int16)
+    xs = np.empty(M * nkb, np.float32)
+    for m in range(M):
+        _quantize_row(x[m], q16[m * nkb * KC:], xs[m * nkb:], 1)
+    xq = q16.view(np.int32)
+    part = np.empty((T, M, N), np.float32)
+    step = ((K + T - 1) // T + 7) // 8 * 8
+    ahead = M == 1
+    width = _chunk_width(N)
+    for t in prange(T):
+        k, k1 = t * step, min(K, t * step + step)
+        acc = part[t]
+        _zero(acc)
+        while k + 8 <= k1:
+            for c0 in range(0, N, width):
+                c1 = min(N, c0 + width)
+                if ahead:   # a line of each row at a time, with its prefetch of what comes next (matvec)
+                    p0, p1, p2, p3, p4, p5, p6, p7 = _next_rows(w, k, c0, width)
+                    jb = 0
+                    while jb + 64 <= c1 - c0:
+                        _prefetch_eight(p0, p1, p2, p3, p4, p5, p6, p7, jb)
+                        for j in range(c0 + jb, c0 + jb + 64, LANES):
+                            _pairs_1(w, k, j, xq, KP, xs, nkb, acc, 0)
+                        jb += 64
+                    for j in range(c0 + jb, c1, LANES):
+                        _pairs_1(w, k, j, xq, KP, xs, nkb, acc, 0)
+                    continue
+                m = 0
+                while m + 4 <= M:
+                    for j in range(c0, c1, LANES):
+                        _pairs_4(w, k, j, xq, KP, xs, nkb, acc, m)
+                    m += 4
+                for m in range(m, M):
+                    for j in range(c0, c1, LANES):
+                        _pairs_1(w, k, j, xq, KP, xs, nkb, acc, m)
+            k += 8
+    _add_parts(part, out, scale, bias)
 
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
@@ -882,7 +1069,8 @@ def gemm(x, w, out, scale=NONE, bias=NONE):
     2 threads, 128 rows: GPT-2-small's [768, 3072] 1.40 -> 0.78 ms, GPT-J width's [4096,
     16384] 43-58 -> 26-31 ms (1.5-1.9x over the shapes); GPT-2-small q8 prefill of 128 tokens
     84 -> 65 ms, GPT-J width (4 layers) 574 -> 332; logits within 1.2-1.4e-4 of the largest
-    (q8's weights alone: 1-3e-2), greedy tokens the same. Decode (the GEMV) keeps x in f32.
+    (q8's weights alone: 1-3e-2), greedy tokens the same. Decode's GEMV rounds x the same way
+    where it can (_matvec_pairs).
     """
     _gemm_for(w)(np.ascontiguousarray(x), w, out, scale, bias, False, threads.kernel_threads())
 
