@@ -476,6 +476,33 @@ def _matvec_rows(x, w, out, threads, scale, bias):
     _add_parts(part, out, scale, bias)
 
 
+def _splat(builder, v, n=None):
+    """IR: the scalar v in every lane of an n-vector (LANES if not given): a broadcast."""
+    from llvmlite import ir
+
+    n = n or LANES
+    ty, i32 = ir.VectorType(v.type, n), ir.IntType(32)
+    return builder.shuffle_vector(builder.insert_element(ir.Constant(ty, ir.Undefined), v, i32(0)),
+                                  ir.Constant(ty, ir.Undefined), ir.Constant(ir.VectorType(i32, n), [0] * n))
+
+
+def _pair_mac(builder):
+    """IR: -> mac(acc, w, x): acc plus the products of the int16 pairs of w and x (LANES int32s
+    each, two int16s in each int32), summed pairwise into acc's int32 lanes: one vpdpwssd with
+    VNNI, else one pmaddwd and an add (AVX-512BW, AVX2)."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    ivec, hvec = ir.VectorType(ir.IntType(32), LANES), ir.VectorType(ir.IntType(16), 2 * LANES)
+    if VNNI:
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ivec, [ivec] * 3),
+                                             "llvm.x86.avx512.vpdpwssd.512")
+        return lambda acc, w, x: builder.call(dot, [acc, w, x])
+    name = "llvm.x86.avx512.pmaddw.d.512" if LANES == 16 else "llvm.x86.avx2.pmadd.wd"
+    pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ivec, [hvec] * 2), name)
+    return lambda acc, w, x: builder.add(acc, builder.call(pmadd, [builder.bitcast(w, hvec), builder.bitcast(x, hvec)]))
+
+
 def _pairs_of_rows(R):
     """-> the intrinsic that adds to acc[m + r, j:j+LANES], for r < R, the eight int8 weight
     rows k..k+7 (columns j:j+LANES of w) times x's row m + r as int16 pairs (xq, KP int32s a
@@ -500,20 +527,9 @@ def _pairs_of_rows(R):
             XS = context.make_array(sty)(context, builder, args[5]).data
             i64, i32, i16, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8)
             ivec, fvec = ir.VectorType(i32, LANES), ir.VectorType(ir.FloatType(), LANES)
-            hvec = ir.VectorType(i16, 2 * LANES)
-            if VNNI:
-                dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ivec, [ivec] * 3),
-                                                     "llvm.x86.avx512.vpdpwssd.512")
-            else:
-                name = "llvm.x86.avx512.pmaddw.d.512" if LANES == 16 else "llvm.x86.avx2.pmadd.wd"
-                pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ivec, [hvec] * 2), name)
+            mac = _pair_mac(builder)
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec] * 3), f"llvm.fma.v{LANES}f32")
             const = (lambda n: ir.Constant(i64, n))
-            every = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
-
-            def bcast(v, ty):
-                return builder.shuffle_vector(builder.insert_element(ir.Constant(ty, ir.Undefined), v, i32(0)),
-                                              ir.Constant(ty, ir.Undefined), every)
 
             k, j, kp, nkb, m = (builder.sext(a, i64) if a.type.width < 64 else a for a in
                                 (args[1], args[2], args[4], args[6], args[8]))
@@ -534,12 +550,8 @@ def _pairs_of_rows(R):
                 for p in range(4):
                     xv = builder.load(builder.gep(XQ, [builder.add(builder.add(builder.mul(mr, kp), half), const(p))]),
                                       align=4)
-                    b = bcast(xv, ivec)
-                    if VNNI:
-                        isum = builder.call(dot, [isum, builder.bitcast(wp[p], ivec), b])
-                    else:
-                        isum = builder.add(isum, builder.call(pmadd, [wp[p], builder.bitcast(b, hvec)]))
-                sv = bcast(builder.load(builder.gep(XS, [builder.add(builder.mul(mr, nkb), blk)]), align=4), fvec)
+                    isum = mac(isum, builder.bitcast(wp[p], ivec), _splat(builder, xv))
+                sv = _splat(builder, builder.load(builder.gep(XS, [builder.add(builder.mul(mr, nkb), blk)]), align=4))
                 pa = builder.bitcast(cgutils.get_item_pointer(context, builder, aty, A, [mr, j], wraparound=False),
                                      fvec.as_pointer())
                 builder.store(builder.call(fma, [builder.sitofp(isum, fvec), sv, builder.load(pa, align=4)]), pa, align=4)
@@ -930,8 +942,7 @@ def _eight_rows_vec(typingctx, w, k, j, x, a, i):
         W, X, A = (context.make_array(t)(context, builder, v) for t, v in ((wty, args[0]), (xty, args[3]), (aty, args[4])))
         vec = ir.VectorType(ir.FloatType(), LANES)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{LANES}f32")
-        i64, i32 = ir.IntType(64), ir.IntType(32)
-        every = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+        i64 = ir.IntType(64)
         stored = ir.VectorType(context.get_data_type(wty.dtype), LANES)
         pa = builder.bitcast(cgutils.get_item_pointer(context, builder, aty, A, [args[5]], wraparound=False),
                              vec.as_pointer())
@@ -941,8 +952,7 @@ def _eight_rows_vec(typingctx, w, k, j, x, a, i):
             pw = cgutils.get_item_pointer(context, builder, wty, W, [kr, args[2]], wraparound=False)
             wv = _widen_vector(builder, builder.load(builder.bitcast(pw, stored.as_pointer()), align=1), wty.dtype, LANES)
             px = cgutils.get_item_pointer(context, builder, xty, X, [ir.Constant(i64, 0), kr], wraparound=False)
-            b = builder.insert_element(ir.Constant(vec, ir.Undefined), builder.load(px, align=4), ir.Constant(i32, 0))
-            s = builder.call(fma, [builder.shuffle_vector(b, ir.Constant(vec, ir.Undefined), every), wv, s])
+            s = builder.call(fma, [_splat(builder, builder.load(px, align=4)), wv, s])
         builder.store(s, pa, align=4)
         return context.get_dummy_value()
 
@@ -1000,7 +1010,7 @@ def _tile(typingctx, xp, xo, wp, wo, kc, c, co, ldc, first):
         from llvmlite import ir
         from numba.core import cgutils
 
-        i64, i32 = ir.IntType(64), ir.IntType(32)
+        i64 = ir.IntType(64)
         vec = ir.VectorType(ir.FloatType(), LANES)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{LANES}f32")
 
@@ -1023,12 +1033,9 @@ def _tile(typingctx, xp, xo, wp, wo, kc, c, co, ldc, first):
         w0 = builder.load(builder.bitcast(wk, vec.as_pointer()), align=4 * LANES)
         w1 = builder.load(builder.bitcast(builder.gep(wk, [const(LANES)]), vec.as_pointer()), align=4 * LANES)
         xk = builder.gep(X, [builder.mul(k, const(MR))])
-        every = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
         new = []
         for r in range(MR):
-            b = builder.insert_element(ir.Constant(vec, ir.Undefined), builder.load(builder.gep(xk, [const(r)]), align=4),
-                                       ir.Constant(i32, 0))
-            b = builder.shuffle_vector(b, ir.Constant(vec, ir.Undefined), every)
+            b = _splat(builder, builder.load(builder.gep(xk, [const(r)]), align=4))
             new.append([builder.call(fma, [b, w0, acc[r][0]]), builder.call(fma, [b, w1, acc[r][1]])])
         k1 = builder.add(k, const(1))
         k.add_incoming(const(0), entry)
@@ -1225,12 +1232,7 @@ def _tile_pairs(typingctx, xq, xo, rs, wp, wo, npairs, c, co, ldc, first, xs, so
 
         i64, i32 = ir.IntType(64), ir.IntType(32)
         ivec, fvec = ir.VectorType(i32, LANES), ir.VectorType(ir.FloatType(), LANES)
-        hvec = ir.VectorType(ir.IntType(16), 2 * LANES)
-        if VNNI:
-            dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ivec, [ivec] * 3), "llvm.x86.avx512.vpdpwssd.512")
-        else:
-            name = "llvm.x86.avx512.pmaddw.d.512" if LANES == 16 else "llvm.x86.avx2.pmadd.wd"
-            pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ivec, [hvec] * 2), name)
+        mac = _pair_mac(builder)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec] * 3), f"llvm.fmuladd.v{LANES}f32")
 
         def at(n, off):   # &array n [off]
@@ -1240,12 +1242,6 @@ def _tile_pairs(typingctx, xq, xo, rs, wp, wo, npairs, c, co, ldc, first, xs, so
         npairs, ldc, const = args[5], args[8], (lambda n: ir.Constant(i64, n))
         first = builder.icmp_unsigned("!=", args[9], ir.Constant(args[9].type, 0))
         xr = [builder.gep(X, [builder.mul(const(r), args[2])]) for r in range(MR)]   # row r's pairs
-        every = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
-
-        def bcast(v, ty):
-            return builder.shuffle_vector(builder.insert_element(ir.Constant(ty, ir.Undefined), v, i32(0)),
-                                          ir.Constant(ty, ir.Undefined), every)
-
         zero = ir.Constant(ivec, [0] * LANES)
         entry, loop, done = builder.block, builder.append_basic_block("pairs.p"), builder.append_basic_block("pairs.done")
         builder.branch(loop)
@@ -1257,12 +1253,8 @@ def _tile_pairs(typingctx, xq, xo, rs, wp, wo, npairs, c, co, ldc, first, xs, so
              for h in range(2)]
         new = []
         for r in range(MR):
-            b = bcast(builder.load(builder.gep(xr[r], [p]), align=4), ivec)
-            if VNNI:
-                new.append([builder.call(dot, [acc[r][h], w[h], b]) for h in range(2)])
-            else:
-                new.append([builder.add(acc[r][h], builder.call(pmadd, [builder.bitcast(w[h], hvec), builder.bitcast(b, hvec)]))
-                            for h in range(2)])
+            b = _splat(builder, builder.load(builder.gep(xr[r], [p]), align=4))
+            new.append([mac(acc[r][h], w[h], b) for h in range(2)])
         p1 = builder.add(p, const(1))
         p.add_incoming(const(0), entry)
         p.add_incoming(p1, loop)
@@ -1273,7 +1265,7 @@ def _tile_pairs(typingctx, xq, xo, rs, wp, wo, npairs, c, co, ldc, first, xs, so
         builder.cbranch(builder.icmp_signed("<", p1, npairs), loop, done)
         builder.position_at_end(done)
         for r in range(MR):
-            sr = bcast(builder.load(builder.gep(S, [const(r)]), align=4), fvec)
+            sr = _splat(builder, builder.load(builder.gep(S, [const(r)]), align=4))
             for h in range(2):
                 ptr = builder.bitcast(builder.gep(C, [builder.add(builder.mul(const(r), ldc), const(h * LANES))]),
                                       fvec.as_pointer())
