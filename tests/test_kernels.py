@@ -57,6 +57,11 @@ def int16_x_gemv(bits: np.ndarray) -> bool:
             and N % kernels.LANES == 0 and K % 8 == 0)
 
 
+def int16_x_head(bits: np.ndarray) -> bool:
+    """Whether matvec_t runs the transpose of these [K, N] weights against int16 x (_matvec_t_pairs)."""
+    return bits.dtype == np.int8 and kernels.PAIRS and bits.shape[0] % (2 * kernels.LANES) == 0
+
+
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "f16", "q8"])
 @pytest.mark.parametrize("M,K,N", SHAPES)
 def test_matvec_kernels_match_numpy(M, K, N, dtype):
@@ -86,13 +91,15 @@ def test_matvec_kernels_match_numpy(M, K, N, dtype):
     s, b = rng.uniform(0.5, 2, N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
     splits = (lambda *a: kernels._matvec_rows(*a[:3], 2, *a[3:]), lambda *a: kernels._matvec_cols(*a[:3], 2, *a[3:]),
               lambda x, w, *a: kernels.matvec_t(x, np.ascontiguousarray(w.T), *a))
-    for split in splits:
+    xt = rounded_to_int16(x) if int16_x_head(bits) else x   # matvec_t's x
+    for split, xs in zip(splits, (x, x, xt)):
         for sc, bi in ((s, kernels.NONE), (kernels.NONE, b), (s, b)):
             split(x, bits, out, sc, bi)
-            exp = want * (sc if sc.size else 1) + (bi if bi.size else 0)
+            exp = (xs @ exact) * (sc if sc.size else 1) + (bi if bi.size else 0)
             assert np.abs(out - exp).max() / (np.abs(exp).max() + 1e-30) < 1e-5, (split, sc.size, bi.size)
     kernels.matvec_t(x, np.ascontiguousarray(bits.T), out, kernels.NONE, kernels.NONE)
-    assert np.abs(out - want).max() / scale < 1e-5
+    assert np.abs(out - xt @ exact).max() / scale < 1e-5
+    assert np.abs(out - want).max() / scale < 1e-4
     buf = np.empty((K, N), np.float32)
     kernels.gemm(np.eye(K, dtype=np.float32), bits, buf)   # (every other product is 0: exact)
     np.testing.assert_array_equal(buf, exact)
@@ -115,6 +122,26 @@ def test_gemv_row_alone_is_bit_for_bit_a_batch_row(dtype, K, N):
         for m in range(6):
             kernels._matvec(x[m:m + 1], bits, alone, threads, scale, bias)
             np.testing.assert_array_equal(alone[0], batch[m])
+
+
+@pytest.mark.parametrize("N,K", [(1001, 768), (70, 1600), (9, 32)])
+def test_q8_head_row_alone_is_bit_for_bit_a_batch_row(N, K):
+    """The tied head on q8 weights (matvec_t against int16 x): a row of x alone, in a batch of
+    2-3 (one weight row pair against each row of x) and of 4 and more (against four rows of x at
+    a time) gives the same logits, bit for bit."""
+    rng = np.random.default_rng(N + K)
+    w = rng.integers(-127, 128, (N, K)).astype(np.int8)
+    if not int16_x_head(np.ascontiguousarray(w.T)):
+        pytest.skip("this CPU has no int16 pair multiply (AVX2 or AVX-512BW) for the q8 head")
+    x = rng.standard_normal((7, K), dtype=np.float32)
+    scale, bias = rng.uniform(0.5, 2, N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
+    batch = np.empty((7, N), np.float32)
+    kernels.matvec_t(x, w, batch, scale, bias)
+    for M in (1, 2, 3, 4, 5):
+        part = np.empty((M, N), np.float32)
+        for m0 in range(7 - M + 1):
+            kernels.matvec_t(x[m0:m0 + M], w, part, scale, bias)
+            np.testing.assert_array_equal(part, batch[m0:m0 + M])
 
 
 AVX2 = "+avx,+avx2,+fma,+f16c,+sse4.2,+popcnt,+bmi,+bmi2"   # what a Haswell-class CPU has
@@ -160,6 +187,8 @@ def test_kernels_on_eight_lane_vectors():
         x[0, 128:] = 0
         out = np.empty((1, 1024), np.float32)
         kernels._matvec(x, w, out, 2, kernels.NONE, kernels.NONE)
+        assert (out == x[:, :128] @ w[:128].astype(np.float32)).all()
+        kernels.matvec_t(x, np.ascontiguousarray(w.T), out, kernels.NONE, kernels.NONE)   # the q8 head on pmaddwd
         assert (out == x[:, :128] @ w[:128].astype(np.float32)).all()
         w = rng.integers(-127, 128, (300, 70)).astype(np.int8)
         x = rng.standard_normal((13, 300)).astype(np.float32)
