@@ -20,7 +20,7 @@ import math
 import os
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange
 from numba.core import types
 from numba.extending import intrinsic, overload
 
@@ -1609,7 +1609,7 @@ def warm_up() -> None:
 # -- the decode step's blocks ---------------------------------------------------------------
 #
 # Model._decode_step runs a step where every row feeds one token (generate's decode, batched or
-# not) through these, each block one compiled call. They call the kernels above on the same
+# not) through these, every layer in one compiled call (decode_gpt2, decode_gptj, below). They call the kernels above on the same
 # arrays as Model.block does with its NumPy glue, in the same order of float32 operations (no
 # fast-math here), so the logits and the cache are the same bit for bit (tests/test_batch.py).
 # What they save is the Python between the kernels: one call a block instead of ~12 (each
@@ -1703,3 +1703,69 @@ def decode_gptj_block(x, y, h, u, cat, a, q, k, v, eps, T, act, K, V, slots, end
         cat[n, C:] = mlp[n]
     _matvec(cat, w_out, y, T, s_out, b_out)
     _add(y, x)
+
+
+# -- the decode step's layers in one call -----------------------------------------------------
+#
+# A block's 16 tensors (GPT-J's 8) go to the compiled code as one row of an int64 table, each an
+# (address, rows, columns) triple, which `_tensor` makes an array again: one call runs every layer.
+# Passing them as arrays instead costs numba's dispatcher 10 us a block hot and ~40 us in a
+# decode step, where the weights streaming through have pushed the interpreter out of the caches
+# (GPT-2-small q8: ~0.5 ms of a 10.4 ms step); a tuple of the layers' tuples took 8 s to
+# compile, and a typed List ~1.2 s to build in each process. The table only points: the model
+# keeps the arrays (Model._decode_args).
+
+
+@intrinsic
+def _address_of(typingctx, address, like):
+    """An int64 address as a pointer to like's dtype."""
+    ptr = types.CPointer(like.dtype)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+    return ptr(types.int64, like), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _vector(t, j):   # tensor j of a layer's table row t, a float32 vector
+    return carray(_address_of(t[j, 0], NONE), (t[j, 1],))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _matrix(t, j, like):   # tensor j of a layer's table row t, a matrix of like's dtype
+    return carray(_address_of(t[j, 0], like), (t[j, 1], t[j, 2]))
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def decode_gpt2(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, K, V, slots, ends, scales, table, like):
+    """Every layer of GPT-2 (decode_gpt2_block), x -> y for one, y -> x for the next: the output
+    is in y for an odd number of layers, in x for an even. K, V [layers, slots, H, capacity, D];
+    scales [layers]; table [layers, 16, 3] (layer_table); like: an array of the matrices' dtype."""
+    for i in range(table.shape[0]):
+        t = table[i]
+        decode_gpt2_block(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, K[i], V[i], slots, ends, scales[i],
+                          _vector(t, 0), _vector(t, 1), _matrix(t, 2, like), _vector(t, 3), _vector(t, 4),
+                          _matrix(t, 5, like), _vector(t, 6), _vector(t, 7), _vector(t, 8), _vector(t, 9),
+                          _matrix(t, 10, like), _vector(t, 11), _vector(t, 12),
+                          _matrix(t, 13, like), _vector(t, 14), _vector(t, 15))
+        x, y = y, x
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def decode_gptj(x, y, h, u, cat, a, q, k, v, eps, T, act, K, V, slots, ends, scales, cos, sin, table, like):
+    """Every layer of GPT-J (decode_gptj_block), as decode_gpt2; table [layers, 8, 3]."""
+    for i in range(table.shape[0]):
+        t = table[i]
+        decode_gptj_block(x, y, h, u, cat, a, q, k, v, eps, T, act, K[i], V[i], slots, ends, scales[i], cos, sin,
+                          _vector(t, 0), _vector(t, 1), _matrix(t, 2, like), _vector(t, 3), _vector(t, 4),
+                          _matrix(t, 5, like), _vector(t, 6), _vector(t, 7))
+        x, y = y, x
+
+
+def layer_table(layers) -> np.ndarray:
+    """[layers, tensors, 3] int64: each tensor's address, rows and columns (0 for a vector), for
+    decode_gpt2 and decode_gptj. The tensors must be C-contiguous and outlive the table."""
+    def row(t):
+        assert t.flags.c_contiguous and t.ndim <= 2
+        return (t.ctypes.data, t.shape[0], t.shape[1] if t.ndim == 2 else 0)
+    return np.array([[row(t) for t in layer] for layer in layers], np.int64).reshape(len(layers), -1, 3)

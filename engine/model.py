@@ -343,28 +343,36 @@ class Model:
 
     _decode = None   # _decode_args, once bound
 
-    def _decode_args(self) -> list[tuple] | None:
-        """Per block, the tensors kernels.decode_*_block takes, bound once: layer norms' weight
-        and bias, each weight matrix as bits, q8 scale (or kernels.NONE) and bias, in its order.
-        None where a matrix is neither Packed nor C-contiguous float32, or the activation has
-        no compiled form: decode then goes through `block`, as prefill does."""
+    def _decode_args(self) -> tuple | None:
+        """What kernels.decode_gpt2 and decode_gptj take for the layers, bound once: the table of
+        each block's tensors (layer norms' weight and bias, each weight matrix as bits, q8 scale
+        or kernels.NONE, bias, in its order; kernels.layer_table), an empty array of the
+        matrices' dtype, each layer's attention scale, and the tensors themselves (which the table points into). None where a
+        matrix is neither Packed nor C-contiguous float32, the matrices differ in dtype, or the
+        activation has no compiled form: decode then goes through `block`, as prefill does."""
         if self._decode is None:
             names = ("ln_1", "w_in", "w_out") if self.config.parallel_residual else \
                     ("ln_1", "attn.w_qkv", "attn.w_o", "ln_2", "mlp.w_in", "mlp.w_out")
             args = [[_decode_arg(layer, n) for n in names] for layer in self.layers]
             ok = self.config.activation in kernels.DECODE_ACTIVATIONS and all(a is not None for b in args for a in b)
-            self._decode = [tuple(t for a in block for t in a) for block in args] if ok else []
+            blocks = [tuple(t for a in block for t in a) for block in args] if ok else []
+            kinds = {t.dtype for block in blocks for t in block if t.ndim == 2}
+            self._decode = (kernels.layer_table(blocks), np.empty(0, kinds.pop()), np.array(self.attn_scale, F32),
+                            blocks) if len(kinds) == 1 else ()
         return self._decode or None
 
     def _decode_step(self, pool, ids, spans) -> list[np.ndarray]:
         """forward_ragged where every part feeds one token, at most Packed.MATVEC_ROWS of them
-        (generation's decode step, batched or not): each block one compiled call
-        (kernels.decode_gpt2_block, decode_gptj_block), the same numbers as `block` with
-        `_attend_slots`, bit for bit.
+        (generation's decode step, batched or not): every layer in one compiled call
+        (kernels.decode_gpt2, decode_gptj), the same numbers as `block` with `_attend_slots`,
+        bit for bit.
         GPT-2-small q8, 2 threads, one process alternating with 64 MB read between steps:
         3.91 -> 3.76 ms a step with `block`'s glue cut to ~12 Python operations a block (+5-6%
         decode tok/s interleaved with the f32, bf16 and f16 models, run_one's rounds), then
-        4.00-4.24 -> 3.82-4.11 ms with each block compiled, against that."""
+        4.00-4.24 -> 3.82-4.11 ms with each block compiled, against that. With every layer in
+        one call (a 768 MB read between steps): 9.60 -> 9.13 and 8.65 -> 8.37 ms a step (1.03-
+        1.05x, the same greedy tokens), batch 4 1.05x (median of three runs, 0.90-1.16x); GPT-J
+        width with 4 layers 1.00x."""
         c = self.config
         slots = np.array([slot for _, _, slot, _ in spans], np.int64)
         pos = pool.length[slots]
@@ -373,21 +381,19 @@ class Model:
         N, C, H, D = len(x), c.n_embd, c.n_head, c.head_dim
         eps, T, act = F32(c.layer_norm_epsilon), threads.kernel_threads(), kernels.DECODE_ACTIVATIONS[c.activation]
         y, h, a, q, k, v = (np.empty(shape, F32) for shape in [(N, C)] * 2 + [(N, H, D)] * 4)
-        width = self._decode_args()[0][2].shape[1]   # a block's first matrix: w_qkv, or GPT-J's w_in
-        u = np.empty((N, width), F32)
+        table, like, scales, blocks = self._decode_args()
+        u = np.empty((N, blocks[0][2].shape[1]), F32)   # a block's first matrix: w_qkv, or GPT-J's w_in
         if c.parallel_residual:   # GPT-J
-            cat = np.empty((N, C + width - 3 * C), F32)
+            cat = np.empty((N, C + u.shape[1] - 3 * C), F32)
             cos, sin = (self.cos, self.sin) if c.rotary_dim else (np.empty((c.n_ctx, 0), F32),) * 2
-            for i, args in enumerate(self._decode_args()):
-                kernels.decode_gptj_block(x, y, h, u, cat, a, q, k, v, eps, T, act, pool.k[i], pool.v[i], slots, ends,
-                                  self.attn_scale[i], cos, sin, *args)
-                x, y = y, x   # (the block's input is spent: the next block's output goes there)
+            kernels.decode_gptj(x, y, h, u, cat, a, q, k, v, eps, T, act, pool.k, pool.v, slots, ends, scales,
+                                cos, sin, table, like)
         else:
             r, mlp = np.empty((N, C), F32), np.empty((N, c.n_inner), F32)
-            for i, args in enumerate(self._decode_args()):
-                kernels.decode_gpt2_block(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, pool.k[i], pool.v[i], slots, ends,
-                                  self.attn_scale[i], *args)
-                x, y = y, x
+            kernels.decode_gpt2(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, pool.k, pool.v, slots, ends, scales,
+                                table, like)
+        if c.n_layer % 2:   # (each layer writes the other buffer)
+            x = y
         for s in slots:
             pool.length[s] += 1
         logits = self.head(x)
