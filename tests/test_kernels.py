@@ -10,6 +10,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+from numba import njit
 
 from gptcpu.engine import blas, kernels
 from gptcpu.engine.weights import Packed, bf16_to_f32, f32_to_bf16
@@ -402,6 +403,27 @@ def test_gelu_tanh_within_1e6_of_the_exact_formula():
     assert np.abs(y[finite] - exact[finite]).max() <= 1e-6
     assert np.array_equal(y[~finite], exact[~finite].astype(np.float32), equal_nan=True)
     assert np.array_equal(np.signbit(y[x == 0]), np.signbit(x[x == 0]))
+
+
+@njit
+def _exp_each(x, out):
+    for i in range(x.size):
+        out[i] = kernels._exp(x[i])
+
+
+def test_attention_exp_within_2e7_of_e_to_the_x():
+    """attend_decode's softmax exponential, on the scores less their largest (x <= 0): within
+    2e-7 of e^x absolute (NumPy's float32 exp: 1.2e-7), so each probability is, and relative
+    4e-6 where y = x log2(e) rounds; below -87 about 2^-126, not an underflow to 0."""
+    x = np.concatenate([-np.linspace(0, 87, 2_000_001, dtype=np.float32), np.array([-0.0, -1e-30], np.float32)])
+    out = np.empty_like(x)
+    _exp_each(x, out)
+    exact = np.exp(x.astype(np.float64))
+    assert np.abs(out - exact).max() <= 2e-7
+    assert (np.abs(out - exact) / exact).max() <= 4e-6
+    tail = np.array([-87.3, -100, -1e4, -np.inf], np.float32)
+    _exp_each(tail, out[:4])
+    assert ((out[:4] > 0) & (out[:4] < 2e-38)).all()
 
 
 def test_gelu_new_same_on_every_layout():
