@@ -44,6 +44,25 @@ def test_ragged_forward_equals_one_sequence_at_a_time(model):
     np.testing.assert_allclose(step[2][0], model.logits(prompts[2] + [11, 4])[-1], rtol=0, atol=2e-5)
 
 
+def test_decode_step_refuses_a_bad_token_or_a_full_slot_and_changes_nothing(model):
+    """A step where every part feeds one token (Model._decode_step) checks its tokens and each
+    slot's room before it writes the cache: one bad part fails the step, and changes nothing."""
+    assert model._decode_args() is not None
+    pool = SlotCache(model.config, 2, 6)
+    full, other = pool.acquire(), pool.acquire()
+    model.forward_ragged(pool, [(full, [1, 2, 3, 4, 5, 6], False), (other, [1], False)])
+    k = pool.k.copy()
+    with pytest.raises(GptcpuError, match="^1 more tokens do not fit a cache holding 6 of 6$"):
+        model.forward_ragged(pool, [(other, [2], False), (full, [1], False)])
+    with pytest.raises(GptcpuError, match=f"^token id {model.config.n_vocab} is outside the vocabulary"):
+        model.forward_ragged(pool, [(other, [model.config.n_vocab], False)])
+    with pytest.raises(GptcpuError, match="^token id -1 is outside the vocabulary"):
+        model.forward_ragged(pool, [(other, np.array([-1]), False)])
+    assert list(pool.length[[full, other]]) == [6, 1] and np.array_equal(pool.k, k)
+    step = model.forward_ragged(pool, [(other, np.array([2]), False)])
+    np.testing.assert_allclose(step[0][0], model.logits([1, 2])[-1], rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "q8"])
 @pytest.mark.parametrize("shape", ["gpt2", "gptj"])
 def test_decode_step_gives_the_blocks_logits_bit_for_bit(factory, shape, dtype, monkeypatch):
