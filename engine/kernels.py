@@ -1647,10 +1647,11 @@ def warm_up() -> None:
 # -- the decode step's blocks ---------------------------------------------------------------
 #
 # Model._decode_step runs a step where every row feeds one token (generate's decode, batched or
-# not) through these, every layer in one compiled call (decode_gpt2, decode_gptj, below). They call the kernels above on the same
-# arrays as Model.block does with its NumPy glue, in the same order of float32 operations (no
-# fast-math here), so the logits and the cache are the same bit for bit (tests/test_batch.py).
-# What they save is the Python between the kernels: one call a block instead of ~12 (each
+# not) through these, every layer in one compiled call (decode_gpt2, decode_gptj, below). They
+# call the kernels above on the same arrays as Model.block does with its NumPy glue, in the
+# same order of float32 operations (no fast-math here), so the logits and the cache are the
+# same bit for bit (tests/test_batch.py). What they save is the Python between the kernels:
+# one call a block instead of ~12 (each
 # through numba's dispatcher), no fresh arrays, no views. That Python costs a step more than
 # its own time, since the weights streaming through push the interpreter's code and data out of
 # the caches between two kernels: GPT-2-small q8, 2 threads, 4.00-4.24 -> 3.82-4.11 ms a step
@@ -1746,7 +1747,8 @@ def decode_gptj_block(x, y, h, u, cat, a, q, k, v, eps, T, act, K, V, slots, end
 # -- the decode step's layers in one call -----------------------------------------------------
 #
 # A block's 16 tensors (GPT-J's 8) go to the compiled code as one row of an int64 table, each an
-# (address, rows, columns) triple, which `_tensor` makes an array again: one call runs every layer.
+# (address, rows, columns) triple, which `_vector` and `_matrix` make arrays again: one call
+# runs every layer.
 # Passing them as arrays instead costs numba's dispatcher 10 us a block hot and ~40 us in a
 # decode step, where the weights streaming through have pushed the interpreter out of the caches
 # (GPT-2-small q8: ~0.5 ms of a 10.4 ms step); a tuple of the layers' tuples took 8 s to
@@ -1804,6 +1806,7 @@ def layer_table(layers) -> np.ndarray:
     """[layers, tensors, 3] int64: each tensor's address, rows and columns (0 for a vector), for
     decode_gpt2 and decode_gptj. The tensors must be C-contiguous and outlive the table."""
     def row(t):
-        assert t.flags.c_contiguous and t.ndim <= 2
+        if not t.flags.c_contiguous or t.ndim > 2:
+            raise ValueError(f"layer_table takes C-contiguous vectors and matrices, not {t.ndim}-d {t.strides}")
         return (t.ctypes.data, t.shape[0], t.shape[1] if t.ndim == 2 else 0)
     return np.array([[row(t) for t in layer] for layer in layers], np.int64).reshape(len(layers), -1, 3)

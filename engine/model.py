@@ -347,9 +347,10 @@ class Model:
         """What kernels.decode_gpt2 and decode_gptj take for the layers, bound once: the table of
         each block's tensors (layer norms' weight and bias, each weight matrix as bits, q8 scale
         or kernels.NONE, bias, in its order; kernels.layer_table), an empty array of the
-        matrices' dtype, each layer's attention scale, and the tensors themselves (which the table points into). None where a
-        matrix is neither Packed nor C-contiguous float32, the matrices differ in dtype, or the
-        activation has no compiled form: decode then goes through `block`, as prefill does."""
+        matrices' dtype, each layer's attention scale, and the tensors (which the table points
+        into). None where a matrix is neither Packed nor C-contiguous float32, a tensor is not
+        C-contiguous, the matrices differ in dtype, or the activation has no compiled form:
+        decode then goes through `block`, as prefill does."""
         if self._decode is None:
             names = ("ln_1", "w_in", "w_out") if self.config.parallel_residual else \
                     ("ln_1", "attn.w_qkv", "attn.w_o", "ln_2", "mlp.w_in", "mlp.w_out")
@@ -357,8 +358,9 @@ class Model:
             ok = self.config.activation in kernels.DECODE_ACTIVATIONS and all(a is not None for b in args for a in b)
             blocks = [tuple(t for a in block for t in a) for block in args] if ok else []
             kinds = {t.dtype for block in blocks for t in block if t.ndim == 2}
+            contiguous = all(t.flags.c_contiguous for block in blocks for t in block)
             self._decode = (kernels.layer_table(blocks), np.empty(0, kinds.pop()), np.array(self.attn_scale, F32),
-                            blocks) if len(kinds) == 1 else ()
+                            blocks) if len(kinds) == 1 and contiguous else ()
         return self._decode or None
 
     def _decode_step(self, pool, ids, spans) -> list[np.ndarray]:

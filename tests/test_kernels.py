@@ -426,6 +426,24 @@ def test_attention_exp_within_2e7_of_e_to_the_x():
     assert ((out[:4] > 0) & (out[:4] < 2e-38)).all()
 
 
+@njit
+def _from_table(t, like):
+    return kernels._vector(t, 0).copy(), kernels._matrix(t, 1, like).copy()
+
+
+def test_layer_table_gives_the_compiled_code_each_tensor_back():
+    """The decode step's layers reach the compiled code as (address, rows, columns) rows of an
+    int64 table (kernels.layer_table), made arrays again there (_vector, _matrix)."""
+    v, m = np.arange(5, dtype=np.float32) / 3, np.arange(-6, 6, dtype=np.int8).reshape(3, 4)
+    t = kernels.layer_table([(v, m)])
+    assert t.tolist() == [[[v.ctypes.data, 5, 0], [m.ctypes.data, 3, 4]]]
+    v2, m2 = _from_table(t[0], np.empty(0, np.int8))
+    np.testing.assert_array_equal(v2, v)
+    np.testing.assert_array_equal(m2, m)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.layer_table([(v, m.T)])
+
+
 def test_gelu_new_same_on_every_layout():
     """The model's GELU: contiguous rows, a column slice (GPT-J's prefill), anything else."""
     from gptcpu.engine.model import gelu_new
