@@ -1651,14 +1651,14 @@ def warm_up() -> None:
 # call the kernels above on the same arrays as Model.block does with its NumPy glue, in the
 # same order of float32 operations (no fast-math here), so the logits and the cache are the
 # same bit for bit (tests/test_batch.py). What they save is the Python between the kernels:
-# one call a block instead of ~12 (each
-# through numba's dispatcher), no fresh arrays, no views. That Python costs a step more than
-# its own time, since the weights streaming through push the interpreter's code and data out of
-# the caches between two kernels: GPT-2-small q8, 2 threads, 4.00-4.24 -> 3.82-4.11 ms a step
-# against the same ~12 calls a block made from Python (one process, alternating, 64 MB read
-# between steps; four runs). Compiling them takes ~2-3 s per model dtype, once. They live in
-# this file because numba's cache of a function is invalidated only by changes to its own
-# file, not to the kernels it calls from another.
+# one call a step instead of ~12 a block (each through numba's dispatcher), no fresh arrays,
+# no views. That Python costs a step more than its own time, since the weights streaming
+# through push the interpreter's code and data out of the caches between two kernels:
+# GPT-2-small q8, 2 threads, 4.00-4.24 -> 3.82-4.11 ms a step with a call a block, against
+# the same ~12 calls a block made from Python (one process, alternating, 64 MB read between
+# steps; four runs). Compiling them takes ~2-3 s per model dtype, once. They live in this
+# file because numba's cache of a function is invalidated only by changes to its own file, not
+# to the kernels it calls from another.
 
 DECODE_ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "relu": 1}   # config name -> code (others: Model.block)
 
@@ -1748,12 +1748,11 @@ def decode_gptj_block(x, y, h, u, cat, a, q, k, v, eps, T, act, K, V, slots, end
 #
 # A block's 16 tensors (GPT-J's 8) go to the compiled code as one row of an int64 table, each an
 # (address, rows, columns) triple, which `_vector` and `_matrix` make arrays again: one call
-# runs every layer.
-# Passing them as arrays instead costs numba's dispatcher 10 us a block hot and ~40 us in a
-# decode step, where the weights streaming through have pushed the interpreter out of the caches
-# (GPT-2-small q8: ~0.5 ms of a 10.4 ms step); a tuple of the layers' tuples took 8 s to
-# compile, and a typed List ~1.2 s to build in each process. The table only points: the model
-# keeps the arrays (Model._decode_args).
+# runs every layer. Passing them as arrays instead, a call a block, cost numba's dispatcher
+# 10 us a block hot and ~40 us in a decode step, where the weights streaming through have
+# pushed the interpreter out of the caches (GPT-2-small q8: ~0.5 ms of a 10.4 ms step); a
+# tuple of the layers' tuples took 8 s to compile, and a typed List ~1.2 s to build in each
+# process. The table only points: the model keeps the arrays (Model._decode_args).
 
 
 @intrinsic

@@ -45,8 +45,9 @@ def test_ragged_forward_equals_one_sequence_at_a_time(model):
 
 
 def test_decode_step_refuses_a_bad_token_or_a_full_slot_and_changes_nothing(model):
-    """A step where every part feeds one token (Model._decode_step) checks its tokens and each
-    slot's room before it writes the cache: one bad part fails the step, and changes nothing."""
+    """A step where every part feeds one token (the one Model._decode_step runs) is refused
+    before it writes the cache: one bad part, a token outside the vocabulary or a full slot,
+    fails the whole step with a prompt's error, and changes nothing."""
     assert model._decode_args() is not None
     pool = SlotCache(model.config, 2, 6)
     full, other = pool.acquire(), pool.acquire()
