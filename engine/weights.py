@@ -112,6 +112,37 @@ def mmap_tensor(path: str | Path, name: str, header: dict, start: int) -> np.nda
     return _view(mm, info, -begin, name)
 
 
+def transposed(table: np.ndarray, width: int, rows: int = 1024) -> np.ndarray:
+    """table [V, C] -> its transpose as a C-contiguous [C, width] array (width >= V; the columns
+    past V are zero), copied `rows` rows at a time. Where table is a view of a file's mmap, the
+    pages of each block copied leave this process's RSS (madvise DONTNEED: they stay in the page
+    cache, and what is read again faults back in), so that the copy does not hold the table twice."""
+    V, C = table.shape
+    out = np.zeros((C, width), table.dtype)
+    mm = _mapping(table)
+    base = np.frombuffer(mm, np.uint8, 1).ctypes.data if mm is not None else 0
+    released = -1   # the mapping's bytes [.., released) are out of RSS
+    for v0 in range(0, V, rows):
+        block = table[v0:v0 + rows]
+        out[:, v0:v0 + len(block)] = block.T
+        if mm is not None:   # whole pages only, from the first that the table starts
+            start = block.ctypes.data - base
+            if released < 0:
+                released = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+            end = (start + block.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+            if end > released:
+                mm.madvise(mmap.MADV_DONTNEED, released, end - released)
+                released = end
+    return out
+
+
+def _mapping(a: np.ndarray) -> mmap.mmap | None:   # the mmap that a is a view of, if any
+    while isinstance(a, np.ndarray):
+        a = a.base
+    obj = a.obj if isinstance(a, memoryview) else a
+    return obj if isinstance(obj, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED") else None
+
+
 def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns -> float32 (exact: bf16 is the top half of an f32)."""
     return (u16.astype(np.uint32) << 16).view(np.float32)

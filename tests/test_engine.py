@@ -256,6 +256,45 @@ def test_weights_stay_memory_mapped(factory, dtype):
             assert w.dtype == np.float32 and mapped(w), name
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8"])
+def test_tied_head_is_the_one_copy_and_the_embedding_transposed(factory, dtype):
+    """GPT-2's LM head is wte transposed once at load, [C, V rounded up to 64], the columns past
+    V zero (and their q8 scales); everything else stays a view of the file."""
+    from gptcpu.engine.weights import Packed
+
+    m = gptcpu.load(factory.converted("gpt2-gelu", dtype))   # vocab 301: 19 columns of padding
+    wte = m.w["wte"]
+    table = wte.bits if isinstance(wte, Packed) else wte
+    head = m.head_w.bits if isinstance(m.head_w, Packed) else m.head_w
+    V, C = table.shape
+    assert head.shape == (C, 320) and head.flags.c_contiguous and not mapped(head)
+    assert np.array_equal(head[:, :V], table.T) and not head[:, V:].any()
+    if dtype == "q8":
+        assert np.array_equal(m.head_w.scale[:V], wte.scale) and not m.head_w.scale[V:].any()
+    assert all(mapped(w.bits if isinstance(w, Packed) else w) for w in m.w.values())
+    assert m.logits([1, 2, 3]).shape == (3, V)
+
+
+def test_transposing_a_mapped_table_releases_its_pages(tmp_path):
+    """weights.transposed drops each block of a mapped table from RSS once copied (the table
+    is not held twice); the pages are read back, the same bytes, when touched again."""
+    from gptcpu.engine.weights import mmap_tensors, transposed
+    from safetensors.numpy import save_file
+
+    def rss_file_kb():
+        return int(next(line for line in open("/proc/self/status") if line.startswith("RssFile")).split()[1])
+
+    table = np.random.default_rng(0).integers(-128, 128, (4001, 4096), dtype=np.int8)   # 16 MB
+    save_file({"t": table}, tmp_path / "t.safetensors")
+    t = mmap_tensors(tmp_path / "t.safetensors")["t"]
+    assert int(t.sum(dtype=np.int64)) == int(table.sum(dtype=np.int64))   # every page mapped
+    before = rss_file_kb()
+    out = transposed(t, 4032)
+    assert before - rss_file_kb() > 15_000
+    assert out.shape == (4096, 4032) and np.array_equal(out[:, :4001], table.T) and not out[:, 4001:].any()
+    assert np.array_equal(t, table)
+
+
 def test_context_limits(factory):
     m = gptcpu.load(factory.converted("gpt2"))  # n_ctx 64
     with pytest.raises(GptcpuError, match="70 tokens.*holds 64"):
