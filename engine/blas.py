@@ -115,21 +115,21 @@ class MKL:
                     0.0, out.ctypes.data, ldc)
         return out
 
-    def matmul_bf16(self, x: np.ndarray, bits: np.ndarray, per_row: bool, bias: np.ndarray | None) -> np.ndarray:
-        """x [M, K] float32 @ bf16 bits [K, N] (per_row: [N, K], the product with its transpose)
-        + bias -> [M, N] float32, on MKL's bf16 GEMM: x is rounded to bf16 (to nearest even, as
-        torch's bf16 models round their activations), the sums are f32."""
+    def matmul_bf16(self, x: np.ndarray, bits: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+        """x [M, K] float32 @ bf16 bits [K, N] + bias -> [M, N] float32, on MKL's bf16 GEMM: x is
+        rounded to bf16 (to nearest even, as torch's bf16 models round their activations), the
+        sums are f32."""
         from . import kernels
         M, K = x.shape
-        N = bits.shape[0] if per_row else bits.shape[1]
+        N = bits.shape[1]
         bits = np.ascontiguousarray(bits)   # (a stored matrix is already: no copy)
         xb = np.empty((M, K), np.uint16)
         kernels.round_bf16(np.ascontiguousarray(x, dtype=np.float32), xb)
         out = np.empty((M, N), np.float32)
         if bias is not None:
             out[...] = bias
-        self._bf16_gemm(_ROW_MAJOR, _NO_TRANS, _TRANS if per_row else _NO_TRANS, M, N, K, 1.0, xb.ctypes.data, K,
-                        bits.ctypes.data, K if per_row else N, 0.0 if bias is None else 1.0, out.ctypes.data, N)
+        self._bf16_gemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, M, N, K, 1.0, xb.ctypes.data, K,
+                        bits.ctypes.data, N, 0.0 if bias is None else 1.0, out.ctypes.data, N)
         return out
 
 

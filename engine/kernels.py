@@ -79,8 +79,6 @@ def threading_layer() -> str:
         return "not started"
 
 
-BLOCK = 256   # matvec_t: output rows per parallel task
-ROWS_AHEAD = 8  # matvec_t: one weight row at a time, the row this far ahead is prefetched
 SMALL = 512 << 10  # matvec: matrices up to this size are split by columns (they stay in L2)
 CHUNK = 1024  # matvec: at most this many columns of eight weight rows kept in L1 (32 KB at f32)
 #               while every row of x uses them; a row splits into chunks of equal width
@@ -641,233 +639,6 @@ def _matvec_pairs(x, w, out, threads, scale, bias):
     _add_parts(part, out, scale, bias)
 
 
-def _row_dots(R, MX):
-    """-> the intrinsic that stores in out[m + i, n + r], for r < R and i < MX, the dot product of
-    int8 weight row n + r (w [N, K], K a multiple of 2 x LANES) with x's row m + i as int16 pairs
-    (xq, KP int32s a row; see _quantize_row) and its blocks' scales (xs, nkb a row): per KC-block
-    an exact integer sum (one vpdpwssd, or pmaddwd and an add, per 2 x LANES weights), then one
-    FMA per block into LANES float sums (its scale a power of two: exact product, one rounding),
-    then those lanes added as a fixed tree. R x MX independent sums, so that the chains overlap;
-    each row of w loaded once for the MX rows of x. The same bits for a (row, row of x) pair
-    whatever R and MX."""
-
-    @intrinsic
-    def dots(typingctx, w, n, xq, kp, xs, nkb, m, out):
-        sig = types.void(w, n, xq, kp, xs, nkb, m, out)
-
-        def codegen(context, builder, signature, args):
-            from llvmlite import ir
-            from numba.core import cgutils
-
-            wty, _, qty, _, sty, _, _, oty = signature.args
-            W = context.make_array(wty)(context, builder, args[0])
-            O = context.make_array(oty)(context, builder, args[7])
-            XQ = context.make_array(qty)(context, builder, args[2]).data
-            XS = context.make_array(sty)(context, builder, args[4]).data
-            i64, i32, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(8)
-            ivec, fvec = ir.VectorType(i32, LANES), ir.VectorType(ir.FloatType(), LANES)
-            wvec, hvec = ir.VectorType(i8, 2 * LANES), ir.VectorType(ir.IntType(16), 2 * LANES)
-            mac = _pair_mac(builder)
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec] * 3), f"llvm.fma.v{LANES}f32")
-            const = (lambda v: ir.Constant(i64, v))
-            n, kp, nkb, m = (builder.sext(a, i64) if a.type.width < 64 else a for a in (args[1], args[3], args[5], args[6]))
-            rows = [cgutils.get_item_pointer(context, builder, wty, W, [builder.add(n, const(r)), const(0)], wraparound=False)
-                    for r in range(R)]
-            xrow = [builder.gep(XQ, [builder.mul(builder.add(m, const(i)), kp)]) for i in range(MX)]
-            srow = [builder.gep(XS, [builder.mul(builder.add(m, const(i)), nkb)]) for i in range(MX)]
-            fsum = [[cgutils.alloca_once_value(builder, ir.Constant(fvec, [0.0] * LANES)) for _ in range(MX)] for _ in range(R)]
-            isum = [[cgutils.alloca_once(builder, ivec) for _ in range(MX)] for _ in range(R)]
-            per = KC // (2 * LANES)   # vectors a block
-            nv = builder.udiv(builder.extract_value(W.shape, 1), const(2 * LANES))
-            with cgutils.for_range(builder, builder.udiv(builder.add(nv, const(per - 1)), const(per))) as blk:
-                v0 = builder.mul(blk.index, const(per))
-                v1 = builder.add(v0, const(per))
-                v1 = builder.select(builder.icmp_unsigned("<", v1, nv), v1, nv)
-                for a in (a for row in isum for a in row):
-                    builder.store(ir.Constant(ivec, [0] * LANES), a)
-                with cgutils.for_range_slice(builder, v0, v1, const(1), inc=True) as (v, _):
-                    xv = [builder.load(builder.bitcast(builder.gep(xrow[i], [builder.mul(v, const(LANES))]),
-                                                       ivec.as_pointer()), align=4) for i in range(MX)]
-                    for r in range(R):
-                        wv = builder.load(builder.bitcast(builder.gep(rows[r], [builder.mul(v, const(2 * LANES))]),
-                                                          wvec.as_pointer()), align=1)
-                        wv = builder.bitcast(builder.sext(wv, hvec), ivec)
-                        for i in range(MX):
-                            builder.store(mac(builder.load(isum[r][i]), wv, xv[i]), isum[r][i])
-                for i in range(MX):
-                    sv = _splat(builder, builder.load(builder.gep(srow[i], [blk.index]), align=4))
-                    for r in range(R):
-                        f = builder.call(fma, [builder.sitofp(builder.load(isum[r][i]), fvec), sv, builder.load(fsum[r][i])])
-                        builder.store(f, fsum[r][i])
-            for r in range(R):
-                for i in range(MX):
-                    t, width = builder.load(fsum[r][i]), LANES
-                    while width > 1:   # halves added: a fixed tree
-                        width //= 2
-                        halves = [builder.shuffle_vector(t, t, ir.Constant(ir.VectorType(i32, width), list(range(h, h + width))))
-                                  for h in (0, width)]
-                        t = builder.fadd(*halves)
-                    ptr = cgutils.get_item_pointer(context, builder, oty, O, [builder.add(m, const(i)), builder.add(n, const(r))],
-                                                   wraparound=False)
-                    builder.store(builder.extract_element(t, i32(0)), ptr)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return dots
-
-
-_dots_2x4, _dots_2x1, _dots_1x4, _dots_1x1 = (_row_dots(R, MX) for R, MX in ((2, 4), (2, 1), (1, 4), (1, 1)))
-
-
-def _matvec_t_int16_x(x, w, out, scale, bias):
-    """Run matvec_t as _matvec_t_pairs where it applies (C-contiguous q8 weights, a CPU that
-    multiplies int16 pairs, K a multiple of 2 x LANES: properties of w alone) -> whether it ran."""
-
-
-@overload(_matvec_t_int16_x)
-def _matvec_t_int16_x_impl(x, w, out, scale, bias):
-    if w.dtype != types.int8 or not PAIRS or w.layout != "C" or out.layout != "C":
-        return lambda x, w, out, scale, bias: False
-
-    def run(x, w, out, scale, bias):
-        if w.shape[1] % (2 * LANES):
-            return False
-        _matvec_t_pairs(x, w, out, scale, bias)
-        return True
-    return run
-
-
-@njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
-def _matvec_t_pairs(x, w, out, scale, bias):
-    """matvec_t for q8 weights against x rounded to int16 as the q8 GEMV and GEMM round it
-    (_quantize_row), for every row count: dot products of int16 pairs (_row_dots), two weight
-    rows at a time against four rows of x, or one; the rows ROWS_AHEAD ahead prefetched as two
-    start. A row's logits the same bits alone or in a batch. GPT-2-small's head ([50257, 768])
-    at one row from memory, 2 threads (Xeon, Emerald Rapids): 2.1-2.4 ms against 2.3-3.1 for
-    matvec_t's f32 x, whose one-row dot products ran at half this loop's speed even from cache."""
-    M, K = x.shape
-    N = w.shape[0]
-    xq, xs, KP, nkb = _quantize_rows(x)
-    for b in prange((N + BLOCK - 1) // BLOCK):
-        n0, n1 = b * BLOCK, min(N, b * BLOCK + BLOCK)
-        for n in range(n0, n1, 2):
-            two = n + 2 <= n1
-            for r in range(2 if two else 1):
-                p = w[min(n + r + ROWS_AHEAD, N - 1)]
-                for k in range(0, K, 64):
-                    _prefetch(p, k)
-            m = 0
-            while m + 4 <= M:
-                if two:
-                    _dots_2x4(w, n, xq, KP, xs, nkb, m, out)
-                else:
-                    _dots_1x4(w, n, xq, KP, xs, nkb, m, out)
-                m += 4
-            for m in range(m, M):
-                if two:
-                    _dots_2x1(w, n, xq, KP, xs, nkb, m, out)
-                else:
-                    _dots_1x1(w, n, xq, KP, xs, nkb, m, out)
-        if scale.size or bias.size:
-            for m in range(M):
-                for n in range(n0, n1):
-                    out[m, n] = _epilogue(out[m, n], scale, bias, n)
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def matvec_t(x, w, out, scale, bias):
-    """out[M, N] = x[M, K] @ w[N, K].T (* scale[N]) (+ bias[N]) for a small M: the tied LM head
-    reads the embedding [V, C]. scale and bias as in matvec. q8 weights, where the CPU
-    multiplies int16 pairs, go against x rounded to int16 (_matvec_t_pairs); the rest against f32
-    x (_matvec_t_rows)."""
-    if not _matvec_t_int16_x(x, w, out, scale, bias):
-        _matvec_t_rows(x, w, out, scale, bias)
-
-
-@njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
-def _matvec_t_rows(x, w, out, scale, bias):
-    """matvec_t against f32 x, scale and bias applied to each block of rows while it is in cache.
-
-    Dot products along K. Four rows of x at a time go against four weight rows at a time (16
-    sums, which LLVM keeps in vector registers: 8 loads per 16 FMAs); the rows of x left over
-    (all of them at M < 4) take one weight row at a time, a plain dot product read front to back.
-    GPT-2-small's head, f32, 2 threads, M=8: 5.0 ms against 18.2 for one weight row at a time
-    and 10.4 for OpenBLAS's sgemm. At M=1 from memory (page-cache mapped, as loaded), bf16/f16
-    1.9-2.1 -> 1.4-1.6 ms and q8 0.80-0.93 -> 0.70-0.81 against four weight rows read side by
-    side (f32 the same, ~3 ms); M=2 bf16 2.9 -> 1.7, q8 1.8 -> 1.1. With four rows of x at
-    int8, the next four weight rows are prefetched while these are summed (see matvec): M=8
-    3.7 ms without, 2.4 with. At M < 4, int8 and 16-bit rows of up to 2 KB (GPT-2's 768 and
-    1,024 wide) get the row ROWS_AHEAD ahead prefetched, whole, as each row starts: there the
-    hardware prefetchers barely start on one row before the next (Xeon, Emerald Rapids, 2
-    threads, [50257, 768] from memory: q8 13.6-14.6 -> 20-23 GB/s, bf16 9-17 -> 23-26 GB/s);
-    on 4 KB rows (GPT-J's) it gained nothing.
-    """
-    M, K = x.shape
-    N = w.shape[0]
-    nblk = (N + BLOCK - 1) // BLOCK
-    m4 = M - M % 4                   # rows of x taken four at a time
-    line = prefetch_line(w)
-    burst = line == 64   # int8: ask for the next four rows while these are summed
-    ahead = line > 0 and m4 == 0 and K * w.itemsize <= 2048   # M < 4: short rows prefetched ahead
-    for b in prange(nblk):
-        n0, n1 = b * BLOCK, min(N, b * BLOCK + BLOCK)
-        n4 = n0 + (n1 - n0) // 4 * 4 if m4 else n0   # weight rows [n0, n4) go four at a time
-        for n in range(n0, n4, 4):
-            r0, r1, r2, r3 = w[n], w[n + 1], w[n + 2], w[n + 3]
-            if burst:
-                nb = min(n + 4, N - 4)
-                p0, p1, p2, p3 = w[nb], w[nb + 1], w[nb + 2], w[nb + 3]
-                for k in range(0, K, 64):
-                    _prefetch(p0, k)
-                    _prefetch(p1, k)
-                    _prefetch(p2, k)
-                    _prefetch(p3, k)
-            for m in range(0, m4, 4):
-                a0, a1, a2, a3 = x[m], x[m + 1], x[m + 2], x[m + 3]
-                s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0)
-                s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0)
-                for k in range(K):
-                    w0, w1, w2, w3 = widen(r0[k]), widen(r1[k]), widen(r2[k]), widen(r3[k])
-                    v0, v1, v2, v3 = a0[k], a1[k], a2[k], a3[k]
-                    s00 += v0 * w0
-                    s01 += v0 * w1
-                    s02 += v0 * w2
-                    s03 += v0 * w3
-                    s10 += v1 * w0
-                    s11 += v1 * w1
-                    s12 += v1 * w2
-                    s13 += v1 * w3
-                    s20 += v2 * w0
-                    s21 += v2 * w1
-                    s22 += v2 * w2
-                    s23 += v2 * w3
-                    s30 += v3 * w0
-                    s31 += v3 * w1
-                    s32 += v3 * w2
-                    s33 += v3 * w3
-                out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = s00, s01, s02, s03
-                out[m + 1, n], out[m + 1, n + 1], out[m + 1, n + 2], out[m + 1, n + 3] = s10, s11, s12, s13
-                out[m + 2, n], out[m + 2, n + 1], out[m + 2, n + 2], out[m + 2, n + 3] = s20, s21, s22, s23
-                out[m + 3, n], out[m + 3, n + 1], out[m + 3, n + 2], out[m + 3, n + 3] = s30, s31, s32, s33
-        for n in range(n0, n1):      # what is left: one weight row at a time
-            row = w[n]
-            if ahead:
-                p = w[min(n + ROWS_AHEAD, N - 1)]
-                for k in range(0, K, line):
-                    _prefetch(p, k)
-            for m in range(m4 if n < n4 else 0, M):
-                a = x[m]
-                s = np.float32(0)
-                for k in range(K):
-                    s += a[k] * widen(row[k])
-                out[m, n] = s
-        if scale.size or bias.size:
-            for m in range(M):
-                for n in range(n0, n1):
-                    out[m, n] = _epilogue(out[m, n], scale, bias, n)
-
-
 @njit(fastmath=True, boundscheck=False, cache=True, nogil=True, inline="always")
 def _exp(x):
     """e^x for x <= 0 (softmax's scores less their largest) in a form LLVM vectorizes: 2^n 2^f
@@ -1249,7 +1020,7 @@ def gemm(x, w, out, scale=NONE, bias=NONE):
     80.7 ms at bf16, 102.3 -> 78.8 at q8 (sgemm on the f32 matrix: 96-99); [20480, 4096] 69.7
     -> 59.8 and 57.9 (sgemm 71); GPT-2-small's [3072, 768] 4.6 -> 1.6 (sgemm 1.9).
     Each output's sum runs over k in order, in KC-row blocks; no result depends on M or on
-    the thread count. A transposed w (an embedding table [N, K] read as the tied head): gemm_t.
+    the thread count.
 
     q8 weights, where the CPU multiplies int16 pairs (AVX-512BW, AVX2): _gemm_pairs rounds x to
     int16 per row and KC-block of k (a power-of-two scale each, so that only the rounding loses:
@@ -1261,12 +1032,7 @@ def gemm(x, w, out, scale=NONE, bias=NONE):
     (q8's weights alone: 1-3e-2), greedy tokens the same. Decode's GEMV rounds x the same way
     where it can (_matvec_pairs).
     """
-    _gemm_for(w)(np.ascontiguousarray(x), w, out, scale, bias, False, threads.kernel_threads())
-
-
-def gemm_t(x, wt, out, scale=NONE, bias=NONE):
-    """gemm with w = wt.T, wt [N, K] C-contiguous (the tied LM head over every position)."""
-    _gemm_for(wt)(np.ascontiguousarray(x), wt, out, scale, bias, True, threads.kernel_threads())
+    _gemm_for(w)(np.ascontiguousarray(x), w, out, scale, bias, threads.kernel_threads())
 
 
 @njit(fastmath=True, boundscheck=False, cache=True, nogil=True)
@@ -1343,9 +1109,9 @@ def _tiles(xp, xs, out, ct, wb, ps, nmp, j0, jn, kb, kk, K, scale, bias):
 
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
-def _gemm(x, w, out, scale, bias, transposed, T):
+def _gemm(x, w, out, scale, bias, T):
     M, K = x.shape
-    N = w.shape[0] if transposed else w.shape[1]
+    N = w.shape[1]
     if _gemm_trivial(M, K, N, out, scale, bias):
         return
     nib = (M + MR - 1) // MR
@@ -1370,31 +1136,19 @@ def _gemm(x, w, out, scale, bias, transposed, T):
             jn = min(N, j0 + nc)
             for k0 in range(0, K, KC):
                 kk = min(K, k0 + KC) - k0
-                if transposed:   # w[k, j] = wt[j, k]: read along each row of wt, columns of w
+                for k in range(k0, k0 + kk):
+                    row = w[k]
+                    if k + PD < K:
+                        ahead = w[k + PD]
+                        for j in range(j0, jn, 64 // ahead.itemsize):
+                            _prefetch(ahead, j)
                     for mp in range(nmp):
-                        for j in range(NR):
-                            c = j0 + mp * NR + j
-                            if c < jn:
-                                src = w[c, k0:k0 + kk]
-                                for k in range(kk):
-                                    wb[mp * ps + k * NR + j] = widen(src[k])
-                            else:
-                                for k in range(kk):
-                                    wb[mp * ps + k * NR + j] = np.float32(0)
-                else:
-                    for k in range(k0, k0 + kk):
-                        row = w[k]
-                        if k + PD < K:
-                            ahead = w[k + PD]
-                            for j in range(j0, jn, 64 // ahead.itemsize):
-                                _prefetch(ahead, j)
-                        for mp in range(nmp):
-                            c0, b = j0 + mp * NR, mp * ps + (k - k0) * NR
-                            if c0 + NR <= jn:
-                                _pack_row(row, c0, wb, b)
-                            else:
-                                for j in range(NR):
-                                    wb[b + j] = widen(row[c0 + j]) if c0 + j < jn else np.float32(0)
+                        c0, b = j0 + mp * NR, mp * ps + (k - k0) * NR
+                        if c0 + NR <= jn:
+                            _pack_row(row, c0, wb, b)
+                        else:
+                            for j in range(NR):
+                                wb[b + j] = widen(row[c0 + j]) if c0 + j < jn else np.float32(0)
                 _tiles(xp, NONE, out, ct, wb, ps, nmp, j0, jn, k0 // KC, kk, K, scale, bias)
 
 
@@ -1531,9 +1285,9 @@ def _quantize_row(x, q, xs, stride):
 
 @njit(fastmath=True, boundscheck=False, cache=True, nogil=True)
 def _quantize_rows(x):
-    """Every row of x [M, K] as the decode GEMVs on int16 pairs take it (_pairs_of_rows,
-    _row_dots) -> (xq: row m's int16s from xq[m * kp] on, two an int32; xs: row m's scale for
-    block b at xs[m * nkb + b]; kp; nkb), each row quantized by _quantize_row."""
+    """Every row of x [M, K] as the decode GEMV on int16 pairs takes it (_pairs_of_rows) -> (xq:
+    row m's int16s from xq[m * kp] on, two an int32; xs: row m's scale for block b at
+    xs[m * nkb + b]; kp; nkb), each row quantized by _quantize_row."""
     M, K = x.shape
     nkb = (K + KC - 1) // KC
     q16 = np.empty(M * nkb * KC, np.int16)
@@ -1544,13 +1298,13 @@ def _quantize_rows(x):
 
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
-def _gemm_pairs(x, w, out, scale, bias, transposed, T):
+def _gemm_pairs(x, w, out, scale, bias, T):
     """_gemm for q8 weights (int8), with x rounded to int16 per row and KC-block of k (see
     _quantize_row) and integer products (_tile_pairs): two weights per lane and instruction
     where _gemm widens them to f32 and runs one FMA per weight per lane. The same blocking,
     packing and prefetching as _gemm; micro-panels hold int16 pairs of rows k, k+1."""
     M, K = x.shape
-    N = w.shape[0] if transposed else w.shape[1]
+    N = w.shape[1]
     if _gemm_trivial(M, K, N, out, scale, bias):
         return
     nib = (M + MR - 1) // MR
@@ -1572,7 +1326,7 @@ def _gemm_pairs(x, w, out, scale, bias, transposed, T):
     ps = KC // 2 * NR + 16    # a micro-panel's int32s, one line more (each starts on a new L1 set)
     buffers = np.empty((T, ps * nmp + 16), np.int32)
     tiles = np.empty((T, nib * MR * (nmp * NR + LANES) + 16), np.float32)   # sums (_tiles)
-    zeros = np.zeros(0 if transposed else N, np.int8)
+    zeros = np.zeros(N, np.int8)
     for t in prange(T):
         raw = buffers[t]
         start = (64 - raw.ctypes.data % 64) % 64 // 4
@@ -1585,36 +1339,22 @@ def _gemm_pairs(x, w, out, scale, bias, transposed, T):
                 k0 = kb * KC
                 kk = min(K, k0 + KC) - k0
                 npairs = (kk + 1) // 2
-                if transposed:   # w[k, j] = wt[j, k]: a row of wt holds a column's pairs side by side
+                for q in range(npairs):
+                    k = k0 + 2 * q
+                    lo = w[k]
+                    hi = w[k + 1] if k + 1 < k0 + kk else zeros   # an odd last row: paired with 0
+                    if k + PD < K:
+                        ahead, ahead2 = w[k + PD], w[min(K - 1, k + PD + 1)]
+                        for j in range(j0, jn, 64):
+                            _prefetch(ahead, j)
+                            _prefetch(ahead2, j)
                     for mp in range(nmp):
-                        for j in range(NR):
-                            c = j0 + mp * NR + j
-                            if c < jn:
-                                src = w[c, k0:k0 + kk]
-                                for q in range(kk // 2):
-                                    wb[mp * ps + q * NR + j] = _pair(src[2 * q], src[2 * q + 1])
-                                if kk % 2:
-                                    wb[mp * ps + (kk // 2) * NR + j] = _pair(src[kk - 1], 0)
-                            else:
-                                for q in range(npairs):
-                                    wb[mp * ps + q * NR + j] = 0
-                else:
-                    for q in range(npairs):
-                        k = k0 + 2 * q
-                        lo = w[k]
-                        hi = w[k + 1] if k + 1 < k0 + kk else zeros   # an odd last row: paired with 0
-                        if k + PD < K:
-                            ahead, ahead2 = w[k + PD], w[min(K - 1, k + PD + 1)]
-                            for j in range(j0, jn, 64):
-                                _prefetch(ahead, j)
-                                _prefetch(ahead2, j)
-                        for mp in range(nmp):
-                            c0, b = j0 + mp * NR, mp * ps + q * NR
-                            if c0 + NR <= jn:
-                                _pack_pairs(lo, hi, c0, wb, b)
-                            else:
-                                for j in range(NR):
-                                    wb[b + j] = _pair(lo[c0 + j], hi[c0 + j]) if c0 + j < jn else 0
+                        c0, b = j0 + mp * NR, mp * ps + q * NR
+                        if c0 + NR <= jn:
+                            _pack_pairs(lo, hi, c0, wb, b)
+                        else:
+                            for j in range(NR):
+                                wb[b + j] = _pair(lo[c0 + j], hi[c0 + j]) if c0 + j < jn else 0
                 _tiles(xq, xs, out, ct, wb, ps, nmp, j0, jn, kb, kk, K, scale, bias)
 
 
@@ -1626,15 +1366,12 @@ def _gemm_for(w):
 def small_matmul(x, w, bias=None):
     """x [M, K] @ w (+ bias) for f32 weights and M <= 8 (decode) in one pass over w, where
     OpenBLAS's sgemm would first copy all of w into its packed layout at M > 1 (GPT-2-small's
-    matrices, 2 threads, M=8: 13.3 ms against 18.3). w is [K, N] C-contiguous, or the transpose
-    of a C-contiguous [N, K] (the tied LM head). -> None for any other layout (use the BLAS)."""
-    out = np.empty((x.shape[0], w.shape[1]), np.float32)
-    if w.flags.c_contiguous:
-        matvec(x, w, out, NONE, NONE if bias is None else bias)
-    elif w.T.flags.c_contiguous:
-        matvec_t(x, w.T, out, NONE, NONE if bias is None else bias)
-    else:
+    matrices, 2 threads, M=8: 13.3 ms against 18.3). w is [K, N] C-contiguous; -> None for any
+    other layout (use the BLAS)."""
+    if not w.flags.c_contiguous:
         return None
+    out = np.empty((x.shape[0], w.shape[1]), np.float32)
+    matvec(x, w, out, NONE, NONE if bias is None else bias)
     return out
 
 

@@ -53,7 +53,7 @@ def _decode_arg(layer, name):  # a block's tensor(s) as kernels.decode_*_block t
         return layer[name + ".weight"], layer[name + ".bias"]
     w, b = layer[name], layer[name.replace("w_", "b_", 1)]
     if isinstance(w, Packed):
-        return None if w.per_row else (w.bits, kernels.NONE if w.scale is None else w.scale, b)
+        return w.bits, kernels.NONE if w.scale is None else w.scale, b
     return (w, kernels.NONE, b) if w.dtype == F32 and w.flags.c_contiguous else None
 
 

@@ -136,11 +136,14 @@ def transposed(table: np.ndarray, width: int, rows: int = 1024) -> np.ndarray:
     return out
 
 
-def _mapping(a: np.ndarray) -> mmap.mmap | None:   # the mmap that a is a view of, if any
+def _mapping(a: np.ndarray) -> mmap.mmap | None:
+    """The read-only mmap that a is a view of (map_file's), if any: there DONTNEED only drops
+    pages, which read back the same (in a writable private mapping it would zero them)."""
     while isinstance(a, np.ndarray):
         a = a.base
     obj = a.obj if isinstance(a, memoryview) else a
-    return obj if isinstance(obj, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED") else None
+    ok = isinstance(obj, mmap.mmap) and memoryview(obj).readonly and hasattr(mmap, "MADV_DONTNEED")
+    return obj if ok else None
 
 
 def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
@@ -164,22 +167,23 @@ class Packed:
     Decode (a few rows of x) widens it in registers in the compiled GEMV; prefill in the
     compiled GEMM, panel by panel into each core's cache (never into an f32 matrix in memory).
 
-    bits: [K, N] for an [in, out] matrix, or [N, K] for an embedding table read as the tied LM
-    head (per_row). dtype: "bf16" (uint16 bits), "f16" (int16 view of the float16 bits) or "q8"
-    (int8, with `scale`: one f32 per output channel, applied to the sums).
+    bits: [K, N] for an [in, out] matrix, or an embedding table [V, C] (gathered by `rows`; a
+    tied LM head is its transpose, copied once at load: model._tied_head). dtype: "bf16" (uint16
+    bits), "f16" (int16 view of the float16 bits) or "q8" (int8, with `scale`: one f32 per
+    output channel, applied to the sums, or per row of an embedding table).
     """
 
     __array_ufunc__ = None   # so that `x @ packed` calls our __rmatmul__
     MATVEC_ROWS = 8          # up to this many rows (decode, small batches): the compiled GEMV
 
-    def __init__(self, bits: np.ndarray, dtype: str, scale: np.ndarray | None = None, per_row: bool = False):
+    def __init__(self, bits: np.ndarray, dtype: str, scale: np.ndarray | None = None):
         self.bits = bits.view(np.int16) if dtype == "f16" else bits
-        self.dtype, self.scale, self.per_row = dtype, scale, per_row
+        self.dtype, self.scale = dtype, scale
 
     @property
     def shape(self) -> tuple[int, int]:
         """The logical [in, out] shape of the product x @ w."""
-        return self.bits.shape[::-1] if self.per_row else self.bits.shape
+        return self.bits.shape
 
     def rows(self, idx) -> np.ndarray:
         """Rows idx of an embedding table as float32 (the gather for token and position vectors)."""
@@ -199,14 +203,14 @@ class Packed:
         on a CPU with AMX-BF16 runs MKL's bf16 GEMM instead, x rounded to bf16 (blas.MKL.matmul_bf16)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape[0] > self.MATVEC_ROWS and self.dtype == "bf16" and getattr(blas.active(), "amx_bf16", False):
-            return blas.active().matmul_bf16(x, self.bits, self.per_row, bias)
+            return blas.active().matmul_bf16(x, self.bits, bias)
         out = np.empty((x.shape[0], self.shape[1]), np.float32)
         scale = kernels.NONE if self.scale is None else self.scale
         bias = kernels.NONE if bias is None else bias
         if x.shape[0] <= self.MATVEC_ROWS:
-            (kernels.matvec_t if self.per_row else kernels.matvec)(x, self.bits, out, scale, bias)
+            kernels.matvec(x, self.bits, out, scale, bias)
         else:
-            (kernels.gemm_t if self.per_row else kernels.gemm)(x, self.bits, out, scale, bias)
+            kernels.gemm(x, self.bits, out, scale, bias)
         return out
 
     def __rmatmul__(self, x: np.ndarray) -> np.ndarray:

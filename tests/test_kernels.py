@@ -58,11 +58,6 @@ def int16_x_gemv(bits: np.ndarray) -> bool:
             and N % kernels.LANES == 0 and K % 8 == 0)
 
 
-def int16_x_head(bits: np.ndarray) -> bool:
-    """Whether matvec_t runs the transpose of these [K, N] weights against int16 x (_matvec_t_pairs)."""
-    return bits.dtype == np.int8 and kernels.PAIRS and bits.shape[0] % (2 * kernels.LANES) == 0
-
-
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "f16", "q8"])
 @pytest.mark.parametrize("M,K,N", SHAPES)
 def test_matvec_kernels_match_numpy(M, K, N, dtype):
@@ -90,17 +85,12 @@ def test_matvec_kernels_match_numpy(M, K, N, dtype):
             assert np.abs(out - want).max() / scale < 1e-5, (split, threads)
     # the epilogue: a per-column scale, a bias, or both, applied as the sums are stored
     s, b = rng.uniform(0.5, 2, N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
-    splits = (lambda *a: kernels._matvec_rows(*a[:3], 2, *a[3:]), lambda *a: kernels._matvec_cols(*a[:3], 2, *a[3:]),
-              lambda x, w, *a: kernels.matvec_t(x, np.ascontiguousarray(w.T), *a))
-    xt = rounded_to_int16(x) if int16_x_head(bits) else x   # matvec_t's x
-    for split, xs in zip(splits, (x, x, xt)):
+    splits = (lambda *a: kernels._matvec_rows(*a[:3], 2, *a[3:]), lambda *a: kernels._matvec_cols(*a[:3], 2, *a[3:]))
+    for split in splits:
         for sc, bi in ((s, kernels.NONE), (kernels.NONE, b), (s, b)):
             split(x, bits, out, sc, bi)
-            exp = (xs @ exact) * (sc if sc.size else 1) + (bi if bi.size else 0)
+            exp = (x @ exact) * (sc if sc.size else 1) + (bi if bi.size else 0)
             assert np.abs(out - exp).max() / (np.abs(exp).max() + 1e-30) < 1e-5, (split, sc.size, bi.size)
-    kernels.matvec_t(x, np.ascontiguousarray(bits.T), out, kernels.NONE, kernels.NONE)
-    assert np.abs(out - xt @ exact).max() / scale < 1e-5
-    assert np.abs(out - want).max() / scale < 1e-4
     buf = np.empty((K, N), np.float32)
     kernels.gemm(np.eye(K, dtype=np.float32), bits, buf)   # (every other product is 0: exact)
     np.testing.assert_array_equal(buf, exact)
@@ -123,26 +113,6 @@ def test_gemv_row_alone_is_bit_for_bit_a_batch_row(dtype, K, N):
         for m in range(6):
             kernels._matvec(x[m:m + 1], bits, alone, threads, scale, bias)
             np.testing.assert_array_equal(alone[0], batch[m])
-
-
-@pytest.mark.parametrize("N,K", [(1001, 768), (70, 1600), (9, 32)])
-def test_q8_head_row_alone_is_bit_for_bit_a_batch_row(N, K):
-    """The tied head on q8 weights (matvec_t against int16 x): a row of x alone, in a batch of
-    2-3 (one weight row pair against each row of x) and of 4 and more (against four rows of x at
-    a time) gives the same logits, bit for bit."""
-    rng = np.random.default_rng(N + K)
-    w = rng.integers(-127, 128, (N, K)).astype(np.int8)
-    if not int16_x_head(np.ascontiguousarray(w.T)):
-        pytest.skip("this CPU has no int16 pair multiply (AVX2 or AVX-512BW) for the q8 head")
-    x = rng.standard_normal((7, K), dtype=np.float32)
-    scale, bias = rng.uniform(0.5, 2, N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
-    batch = np.empty((7, N), np.float32)
-    kernels.matvec_t(x, w, batch, scale, bias)
-    for M in (1, 2, 3, 4, 5):
-        part = np.empty((M, N), np.float32)
-        for m0 in range(7 - M + 1):
-            kernels.matvec_t(x[m0:m0 + M], w, part, scale, bias)
-            np.testing.assert_array_equal(part, batch[m0:m0 + M])
 
 
 AVX2 = "+avx,+avx2,+fma,+f16c,+sse4.2,+popcnt,+bmi,+bmi2"   # what a Haswell-class CPU has
@@ -188,8 +158,6 @@ def test_kernels_on_eight_lane_vectors():
         x[0, 128:] = 0
         out = np.empty((1, 1024), np.float32)
         kernels._matvec(x, w, out, 2, kernels.NONE, kernels.NONE)
-        assert (out == x[:, :128] @ w[:128].astype(np.float32)).all()
-        kernels.matvec_t(x, np.ascontiguousarray(w.T), out, kernels.NONE, kernels.NONE)   # the q8 head on pmaddwd
         assert (out == x[:, :128] @ w[:128].astype(np.float32)).all()
         w = rng.integers(-127, 128, (300, 70)).astype(np.int8)
         x = rng.standard_normal((13, 300)).astype(np.float32)
@@ -305,10 +273,10 @@ def test_f16_kv_store_without_f16c():
                                    (2 * kernels.MR, kernels.KC, kernels.NR), (40, 2 * kernels.KC + 3, 3 * kernels.NR + 1)])
 def test_gemm_matches_numpy_on_every_edge(dtype, M, K, N):
     """The prefill GEMM on shapes around its blocks (MR rows, NR and NC columns, KC rows of w):
-    full and edge tiles, several k-blocks, panels of unequal width, 1-3 threads, w as [K, N] and
-    as the transposed [N, K] table, with and without scale and bias. q8 where the CPU multiplies
-    int16 pairs: within the bound of x's rounding to int16 (per row and KC-block, at most 2^-15
-    of the block's largest |x|), plus the f32 sums' own."""
+    full and edge tiles, several k-blocks, panels of unequal width, 1-3 threads, with and without
+    scale and bias. q8 where the CPU multiplies int16 pairs: within the bound of x's rounding to
+    int16 (per row and KC-block, at most 2^-15 of the block's largest |x|), plus the f32 sums'
+    own."""
     rng = np.random.default_rng(M * 1000 + K + N)
     bits, exact = stored(rng.standard_normal((K, N), dtype=np.float32), dtype)
     x = rng.standard_normal((M, K), dtype=np.float32)
@@ -320,14 +288,12 @@ def test_gemm_matches_numpy_on_every_edge(dtype, M, K, N):
         tol = tol + 2.0 ** -15 * sum(np.abs(x[:, b]).max(axis=1, keepdims=True) @ np.abs(exact[b]).sum(axis=0, keepdims=True)
                                      for b in blocks) * 2
     s, b = rng.uniform(0.5, 2, N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
-    bt = np.ascontiguousarray(bits.T)
     for threads in (1, 2, 3):
         for sc, bi in ((kernels.NONE, kernels.NONE), (s, b)):
             exp = want * (sc if sc.size else 1) + (bi if bi.size else 0)
-            for w, transposed in ((bits, False), (bt, True)):
-                out = np.full((M, N), np.nan, np.float32)
-                gemm(x, w, out, sc, bi, transposed, threads)
-                assert (np.abs(out - exp) <= tol).all(), (threads, transposed, sc.size)
+            out = np.full((M, N), np.nan, np.float32)
+            gemm(x, bits, out, sc, bi, threads)
+            assert (np.abs(out - exp) <= tol).all(), (threads, sc.size)
 
 
 @pytest.mark.skipif(not kernels.PAIRS, reason="this CPU has no int16 pair multiply (AVX2 or AVX-512BW)")
@@ -381,7 +347,7 @@ def test_gemm_result_does_not_depend_on_threads_or_rows(dtype):
     outs = []
     for threads, rows in ((1, 37), (2, 37), (3, 37), (2, 20)):
         out = np.empty((rows, 1100), np.float32)
-        kernels._gemm_for(bits)(x[:rows], bits, out, kernels.NONE, kernels.NONE, False, threads)
+        kernels._gemm_for(bits)(x[:rows], bits, out, kernels.NONE, kernels.NONE, threads)
         outs.append(out)
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0][:len(o)])
@@ -487,7 +453,8 @@ def test_f16_portable_widening_is_exact_too():
 @pytest.mark.parametrize("dtype", ["bf16", "f16", "q8"])
 @pytest.mark.parametrize("M", [1, 8, 9, 40])
 def test_packed_matmul_every_path(dtype, M):
-    """Decode (compiled GEMV) and prefill (compiled GEMM) paths, scales, per-row tables."""
+    """Decode (compiled GEMV) and prefill (compiled GEMM) paths, scales; the row gather of an
+    embedding table [N, K] (q8: a scale per row)."""
     rng = np.random.default_rng(M)
     K, N = 96, 5000
     w32 = rng.standard_normal((K, N), dtype=np.float32)
@@ -499,9 +466,7 @@ def test_packed_matmul_every_path(dtype, M):
     want = xr @ (exact * scale if scale is not None else exact)
     got = x @ Packed(bits.view(np.uint16) if dtype == "f16" else bits, dtype, scale)
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
-    table = Packed(np.ascontiguousarray((bits.view(np.uint16) if dtype == "f16" else bits).T), dtype,
-                   scale, per_row=True)  # an embedding [N, K] read as the tied head
-    np.testing.assert_allclose(x @ table, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+    table = Packed(np.ascontiguousarray((bits.view(np.uint16) if dtype == "f16" else bits).T), dtype, scale)
     rows = table.rows(np.array([0, 7, N - 1]))
     np.testing.assert_array_equal(rows, (exact * scale if scale is not None else exact).T[[0, 7, N - 1]])
 
@@ -530,8 +495,8 @@ def test_round_bf16_rounds_as_torch():
                     reason="needs the mkl extra and a CPU with AMX-BF16 (where MKL's bf16 GEMM runs bf16 prefill)")
 def test_bf16_prefill_on_mkls_bf16_gemm():
     """With MKL on a CPU with AMX-BF16, a bf16 matrix times more than MATVEC_ROWS rows runs MKL's
-    bf16 GEMM: x rounded to bf16, f32 sums, the bias added; per-row tables (the tied head) too.
-    Up to MATVEC_ROWS rows stay on the compiled GEMV with x in f32."""
+    bf16 GEMM: x rounded to bf16, f32 sums, the bias added. Up to MATVEC_ROWS rows stay on the
+    compiled GEMV with x in f32."""
     code = """if 1:
         import numpy as np
         from gptcpu.engine import blas
@@ -545,13 +510,13 @@ def test_bf16_prefill_on_mkls_bf16_gemm():
             b = rng.standard_normal(N).astype(np.float32)
             xr = bf16_to_f32(f32_to_bf16(x)) if M > Packed.MATVEC_ROWS else x
             want = xr @ bf16_to_f32(bits)
-            for w in (Packed(bits, "bf16"), Packed(np.ascontiguousarray(bits.T), "bf16", per_row=True)):
-                for bias in (None, b):
-                    exp = want if bias is None else want + bias
-                    err = np.abs(w.matmul(x, bias) - exp).max() / np.abs(exp).max()
-                    assert err < 1e-6, (M, K, N, w.per_row, bias is None, err)
-                    if M > Packed.MATVEC_ROWS:   # not x in f32: the rounding is real
-                        assert np.abs(x @ bf16_to_f32(bits) - exp).max() / np.abs(exp).max() > 1e-4
+            w = Packed(bits, "bf16")
+            for bias in (None, b):
+                exp = want if bias is None else want + bias
+                err = np.abs(w.matmul(x, bias) - exp).max() / np.abs(exp).max()
+                assert err < 1e-6, (M, K, N, bias is None, err)
+                if M > Packed.MATVEC_ROWS:   # not x in f32: the rounding is real
+                    assert np.abs(x @ bf16_to_f32(bits) - exp).max() / np.abs(exp).max() > 1e-4
     """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
