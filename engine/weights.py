@@ -119,7 +119,7 @@ def transposed(table: np.ndarray, width: int, rows: int = 1024) -> np.ndarray:
     cache, and what is read again faults back in), so that the copy does not hold the table twice."""
     V, C = table.shape
     out = np.zeros((C, width), table.dtype)
-    mm = _mapping(table)
+    mm = _mapping(table) if table.flags.c_contiguous else None   # (a strided view's pages hold more than it)
     base = np.frombuffer(mm, np.uint8, 1).ctypes.data if mm is not None else 0
     released = -1   # the mapping's bytes [.., released) are out of RSS
     for v0 in range(0, V, rows):
@@ -131,7 +131,10 @@ def transposed(table: np.ndarray, width: int, rows: int = 1024) -> np.ndarray:
                 released = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
             end = (start + block.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
             if end > released:
-                mm.madvise(mmap.MADV_DONTNEED, released, end - released)
+                try:
+                    mm.madvise(mmap.MADV_DONTNEED, released, end - released)
+                except OSError:   # only memory: the copy is right either way
+                    mm = None
                 released = end
     return out
 
