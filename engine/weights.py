@@ -120,16 +120,14 @@ def transposed(table: np.ndarray, width: int, rows: int = 1024) -> np.ndarray:
     V, C = table.shape
     out = np.zeros((C, width), table.dtype)
     mm = _mapping(table) if table.flags.c_contiguous else None   # (a strided view's pages hold more than it)
-    base = np.frombuffer(mm, np.uint8, 1).ctypes.data if mm is not None else 0
-    released = -1   # the mapping's bytes [.., released) are out of RSS
+    if mm is not None:   # whole pages only: the mapping's bytes [.., released) are out of RSS
+        base = np.frombuffer(mm, np.uint8, 1).ctypes.data
+        released = -(-(table.ctypes.data - base) // mmap.PAGESIZE) * mmap.PAGESIZE
     for v0 in range(0, V, rows):
         block = table[v0:v0 + rows]
         out[:, v0:v0 + len(block)] = block.T
-        if mm is not None:   # whole pages only, from the first that the table starts
-            start = block.ctypes.data - base
-            if released < 0:
-                released = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-            end = (start + block.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if mm is not None:
+            end = (block.ctypes.data - base + block.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
             if end > released:
                 try:
                     mm.madvise(mmap.MADV_DONTNEED, released, end - released)
