@@ -286,10 +286,30 @@ def matvec(x, w, out, scale=NONE, bias=NONE):
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def _matvec(x, w, out, T, scale, bias):   # matvec on T threads (compiled: the decode blocks call it too)
-    if w.nbytes <= SMALL:
-        _matvec_cols(x, w, out, T, scale, bias)
-    elif not _matvec_int16_x(x, w, out, T, scale, bias):
-        _matvec_rows(x, w, out, T, scale, bias)
+    _matvec_split(x, w, out, T, scale, bias)
+
+
+def _matvec_split(x, w, out, T, scale, bias):
+    """matvec's choice of kernel: a small matrix split by columns, a large one by rows, q8
+    weights on int16 pairs where they apply (always for weights stored as pairs)."""
+
+
+@overload(_matvec_split, inline="always")
+def _matvec_split_impl(x, w, out, T, scale, bias):
+    if w.ndim == 3:
+        def pairs(x, w, out, T, scale, bias):
+            if w.nbytes <= SMALL:
+                _matvec_cols_pairs(x, w, out, T, scale, bias)
+            else:
+                _matvec_pairs(x, w, out, T, scale, bias)
+        return pairs
+
+    def rows(x, w, out, T, scale, bias):
+        if w.nbytes <= SMALL:
+            _matvec_cols(x, w, out, T, scale, bias)
+        elif not _matvec_int16_x(x, w, out, T, scale, bias):
+            _matvec_rows(x, w, out, T, scale, bias)
+    return rows
 
 
 @njit(fastmath=True, boundscheck=False, cache=True, nogil=True, inline="always")
@@ -312,14 +332,30 @@ def _chunk_width(N):
     return ((N + chunks - 1) // chunks + 63) // 64 * 64
 
 
-@njit(fastmath=True, boundscheck=False, cache=True, nogil=True, inline="always")
 def _next_rows(w, k, c0, width):
     """What the row split reads after columns c0:c0+width of rows k..k+7: these rows' next
-    chunk, or the next eight rows' first; as eight row views from there (to prefetch)."""
-    K, N = w.shape
-    kp, cp = (k, c0 + width) if c0 + width < N else (min(k + 8, K - 8), 0)
-    return (w[kp, cp:], w[kp + 1, cp:], w[kp + 2, cp:], w[kp + 3, cp:],
-            w[kp + 4, cp:], w[kp + 5, cp:], w[kp + 6, cp:], w[kp + 7, cp:])
+    chunk, or the next eight rows' first; as eight views from there whose element j is in the
+    line to prefetch for column j (w [K, N]: the eight rows; w stored as pairs, [K/2, N, 2]:
+    the four pair rows, each as two views of its pairs' first bytes, from its first line and
+    its second: slices, where a reshape to a flat row would be a call out of line)."""
+
+
+@overload(_next_rows, inline="always")
+def _next_rows_impl(w, k, c0, width):
+    if w.ndim == 3:
+        def pairs(w, k, c0, width):
+            H, N = w.shape[0], w.shape[1]
+            hp, cp = (k // 2, c0 + width) if c0 + width < N else (min(k // 2 + 4, H - 4), 0)
+            return (w[hp, cp:, 0], w[hp, cp + 32:, 0], w[hp + 1, cp:, 0], w[hp + 1, cp + 32:, 0],
+                    w[hp + 2, cp:, 0], w[hp + 2, cp + 32:, 0], w[hp + 3, cp:, 0], w[hp + 3, cp + 32:, 0])
+        return pairs
+
+    def rows(w, k, c0, width):
+        K, N = w.shape
+        kp, cp = (k, c0 + width) if c0 + width < N else (min(k + 8, K - 8), 0)
+        return (w[kp, cp:], w[kp + 1, cp:], w[kp + 2, cp:], w[kp + 3, cp:],
+                w[kp + 4, cp:], w[kp + 5, cp:], w[kp + 6, cp:], w[kp + 7, cp:])
+    return rows
 
 
 @njit(fastmath=True, boundscheck=False, cache=True, nogil=True, inline="always")
@@ -513,8 +549,9 @@ def _pairs_of_rows(R):
     """-> the intrinsic that adds to acc[m + r, j:j+LANES], for r < R, the eight int8 weight
     rows k..k+7 (columns j:j+LANES of w) times x's row m + r as int16 pairs (xq, KP int32s a
     row; see _quantize_row) and its block's scale (xs, nkb a row): the weights of rows k and
-    k+1 interleaved into int16 pairs once for the R rows of x, four vpdpwssd (pmaddwd and an
-    add without VNNI) into exact integer sums, then acc += float(sum) * scale in one FMA. The
+    k+1 interleaved into int16 pairs once for the R rows of x (w [K, N]: two loads and a
+    shuffle; w stored as pairs [K/2, N, 2], weights.pairs: one load), four vpdpwssd (pmaddwd
+    and an add without VNNI) into exact integer sums, then acc += float(sum) * scale in one FMA. The
     scale is a power of two, so that product is exact and the FMA rounds once: the same bits
     for a row alone (R = 1) and in a group of four (R = 4)."""
 
@@ -539,9 +576,18 @@ def _pairs_of_rows(R):
 
             k, j, kp, nkb, m = (builder.sext(a, i64) if a.type.width < 64 else a for a in
                                 (args[1], args[2], args[4], args[6], args[8]))
+            half, blk = builder.sdiv(k, const(2)), builder.sdiv(k, const(KC))
             mix = ir.Constant(ir.VectorType(i32, 2 * LANES), [v for n in range(LANES) for v in (n, n + LANES)])
             wp = []
             for p in range(4):   # rows k + 2p and k + 2p + 1 as LANES int16 pairs
+                if wty.ndim == 3:   # stored as pairs (weights.pairs): one load, one widening
+                    # (at (half + p) * 2N + 2j: numba's index into [K/2, N, 2] multiplies by the runtime 2,
+                    # and LLVM kept 16 addresses apart, on the stack; 20-40% slower hot)
+                    row = builder.mul(builder.add(half, const(p)), builder.mul(cgutils.unpack_tuple(builder, W.shape)[1], const(2)))
+                    ptr = builder.gep(W.data, [builder.add(row, builder.mul(j, const(2)))])
+                    v = builder.load(builder.bitcast(ptr, ir.VectorType(i8, 2 * LANES).as_pointer()), align=1)
+                    wp.append(builder.sext(v, ir.VectorType(i16, 2 * LANES)))
+                    continue
                 rows = []
                 for h in range(2):
                     ptr = cgutils.get_item_pointer(context, builder, wty, W, [builder.add(k, const(2 * p + h)), j],
@@ -549,7 +595,6 @@ def _pairs_of_rows(R):
                     v = builder.load(builder.bitcast(ptr, ir.VectorType(i8, LANES).as_pointer()), align=1)
                     rows.append(builder.sext(v, ir.VectorType(i16, LANES)))
                 wp.append(builder.shuffle_vector(rows[0], rows[1], mix))
-            half, blk = builder.sdiv(k, const(2)), builder.sdiv(k, const(KC))
             for r in range(R):
                 mr = builder.add(m, const(r))
                 isum = ir.Constant(ivec, [0] * LANES)
@@ -606,6 +651,7 @@ def _matvec_pairs(x, w, out, threads, scale, bias):
     T = min(threads, max(1, K // 16))
     xq, xs, KP, nkb = _quantize_rows(x)
     part = np.empty((T, M, N), np.float32)
+    K = w.shape[0] * (w.ndim - 1)   # w's rows: as pairs, K rounded up to 8 (the rows past x's K are zeros)
     step = ((K + T - 1) // T + 7) // 8 * 8
     ahead = M == 1
     width = _chunk_width(N)
@@ -637,6 +683,29 @@ def _matvec_pairs(x, w, out, threads, scale, bias):
                         _pairs_1(w, k, j, xq, KP, xs, nkb, acc, m)
             k += 8
     _add_parts(part, out, scale, bias)
+
+
+@njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
+def _matvec_cols_pairs(x, w, out, threads, scale, bias):
+    """_matvec_cols for q8 weights stored as pairs ([K/2, N, 2], N a multiple of LANES): each
+    thread owns a range of columns (a multiple of LANES), against x rounded to int16 as in
+    _matvec_pairs; each row of x the same sums alone or with others."""
+    M, N, K = x.shape[0], w.shape[1], 2 * w.shape[0]
+    xq, xs, KP, nkb = _quantize_rows(x)
+    acc = np.empty((M, N), np.float32)
+    step = ((N + threads - 1) // threads + LANES - 1) // LANES * LANES
+    for t in prange(threads):
+        n0, n1 = t * step, min(N, t * step + step)
+        for m in range(M):
+            for j in range(n0, n1):
+                acc[m, j] = 0
+        for k in range(0, K, 8):
+            for j in range(n0, n1, LANES):
+                for m in range(M):
+                    _pairs_1(w, k, j, xq, KP, xs, nkb, acc, m)
+        for m in range(M):
+            for j in range(n0, n1):
+                out[m, j] = _epilogue(acc[m, j], scale, bias, j)
 
 
 @njit(fastmath=True, boundscheck=False, cache=True, nogil=True, inline="always")
@@ -1244,6 +1313,87 @@ def _pair(lo, hi):   # two int16s in one int32: lo in the low half
     return (np.int32(lo) & np.int32(0xFFFF)) | (np.int32(hi) << np.int32(16))
 
 
+@intrinsic
+def _pack_pair_row(typingctx, row, c, dst, j):
+    """dst[j:j+NR] = the NR int16 pairs of a row of q8 weights stored as pairs (weights.pairs;
+    row [N, 2], C-contiguous) from column c on: its bytes widened to int16 (dst[j] aligned)."""
+    sig = types.void(row, c, dst, j)
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+        from numba.core import cgutils
+
+        rty, _, dty, _ = signature.args
+        i64 = ir.IntType(64)
+        c = builder.sext(args[1], i64) if args[1].type.width < 64 else args[1]
+        ptr = builder.gep(context.make_array(rty)(context, builder, args[0]).data, [builder.mul(c, ir.Constant(i64, 2))])
+        v = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(8), 2 * NR).as_pointer()), align=1)
+        pairs = builder.sext(v, ir.VectorType(ir.IntType(16), 2 * NR))
+        D = context.make_array(dty)(context, builder, args[2])
+        pd = cgutils.get_item_pointer(context, builder, dty, D, [args[3]], wraparound=False)
+        builder.store(pairs, builder.bitcast(pd, pairs.type.as_pointer()), align=min(64, 4 * NR))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# _gemm_pairs' reading of w, for w [K, N] and for w stored as pairs ([K/2, N, 2], weights.pairs)
+
+def _pair_rows(w, k, end, zeros):
+    """Rows k and k+1 of w as (lo, hi) (hi = zeros at an odd last row, k + 1 = end); for w stored
+    as pairs, pair row k/2 ([N, 2]), twice."""
+
+
+@overload(_pair_rows, inline="always")
+def _pair_rows_impl(w, k, end, zeros):
+    if w.ndim == 3:
+        return lambda w, k, end, zeros: (w[k // 2], w[k // 2])
+    return lambda w, k, end, zeros: (w[k], w[k + 1] if k + 1 < end else zeros)
+
+
+def _prefetch_pair_rows(w, k, j0, jn):
+    """Prefetch columns j0:jn of rows k and k+1 (of w, or of w stored as pairs)."""
+
+
+@overload(_prefetch_pair_rows, inline="always")
+def _prefetch_pair_rows_impl(w, k, j0, jn):
+    if w.ndim == 3:
+        def pairs(w, k, j0, jn):
+            row = w[k // 2, :, 0]   # (element j: the line of column j's pair)
+            for j in range(j0, jn, 32):
+                _prefetch(row, j)
+        return pairs
+
+    def rows(w, k, j0, jn):
+        ahead, ahead2 = w[k], w[min(w.shape[0] - 1, k + 1)]
+        for j in range(j0, jn, 64):
+            _prefetch(ahead, j)
+            _prefetch(ahead2, j)
+    return rows
+
+
+def _pack_pair_rows(w, lo, hi, c, dst, j):
+    """dst[j:j+NR] = columns c:c+NR of _pair_rows' (lo, hi) as int16 pairs."""
+
+
+@overload(_pack_pair_rows, inline="always")
+def _pack_pair_rows_impl(w, lo, hi, c, dst, j):
+    if w.ndim == 3:
+        return lambda w, lo, hi, c, dst, j: _pack_pair_row(lo, c, dst, j)
+    return lambda w, lo, hi, c, dst, j: _pack_pairs(lo, hi, c, dst, j)
+
+
+def _pair_at(w, lo, hi, c):
+    """Column c of _pair_rows' (lo, hi) as one int16 pair."""
+
+
+@overload(_pair_at, inline="always")
+def _pair_at_impl(w, lo, hi, c):
+    if w.ndim == 3:
+        return lambda w, lo, hi, c: _pair(lo[c, 0], lo[c, 1])
+    return lambda w, lo, hi, c: _pair(lo[c], hi[c])
+
+
 @njit(fastmath=True, boundscheck=False, cache=True, nogil=True)
 def _quantize_row(x, q, xs, stride):
     """One row of x as int16 for _tile_pairs, in blocks of KC: q[kb*KC + i] = x[kb*KC + i] / xs[kb *
@@ -1341,20 +1491,16 @@ def _gemm_pairs(x, w, out, scale, bias, T):
                 npairs = (kk + 1) // 2
                 for q in range(npairs):
                     k = k0 + 2 * q
-                    lo = w[k]
-                    hi = w[k + 1] if k + 1 < k0 + kk else zeros   # an odd last row: paired with 0
+                    lo, hi = _pair_rows(w, k, k0 + kk, zeros)
                     if k + PD < K:
-                        ahead, ahead2 = w[k + PD], w[min(K - 1, k + PD + 1)]
-                        for j in range(j0, jn, 64):
-                            _prefetch(ahead, j)
-                            _prefetch(ahead2, j)
+                        _prefetch_pair_rows(w, k + PD, j0, jn)
                     for mp in range(nmp):
                         c0, b = j0 + mp * NR, mp * ps + q * NR
                         if c0 + NR <= jn:
-                            _pack_pairs(lo, hi, c0, wb, b)
+                            _pack_pair_rows(w, lo, hi, c0, wb, b)
                         else:
                             for j in range(NR):
-                                wb[b + j] = _pair(lo[c0 + j], hi[c0 + j]) if c0 + j < jn else 0
+                                wb[b + j] = _pair_at(w, lo, hi, c0 + j) if c0 + j < jn else 0
                 _tiles(xq, xs, out, ct, wb, ps, nmp, j0, jn, kb, kk, K, scale, bias)
 
 
@@ -1373,6 +1519,24 @@ def small_matmul(x, w, bias=None):
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
     matvec(x, w, out, NONE, NONE if bias is None else bias)
     return out
+
+
+@njit(parallel=True, boundscheck=False, cache=True, nogil=True)
+def interleave(src, dst, h0):
+    """dst[h0 + h, j] = (src[2h, j], src[2h + 1, j]): q8 weights' rows as pairs, for
+    weights.pairs (an odd last row paired with 0)."""
+    K, N = src.shape
+    for h in prange((K + 1) // 2):
+        lo, d = src[2 * h], dst[h0 + h]
+        if 2 * h + 1 < K:
+            hi = src[2 * h + 1]
+            for j in range(N):
+                d[j, 0] = lo[j]
+                d[j, 1] = hi[j]
+        else:
+            for j in range(N):
+                d[j, 0] = lo[j]
+                d[j, 1] = 0
 
 
 def warm_up() -> None:
@@ -1507,16 +1671,24 @@ def _vector(t, j):   # tensor j of a layer's table row t, a float32 vector
     return carray(_address_of(t[j, 0], NONE), (t[j, 1],))
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _matrix(t, j, like):   # tensor j of a layer's table row t, a matrix of like's dtype
-    return carray(_address_of(t[j, 0], like), (t[j, 1], t[j, 2]))
+def _matrix(t, j, like):
+    """Tensor j of a layer's table row t, a matrix of like's dtype and number of dimensions
+    (3: q8 weights stored as pairs, [rows, columns, 2])."""
+
+
+@overload(_matrix, inline="always")
+def _matrix_impl(t, j, like):
+    if like.ndim == 3:
+        return lambda t, j, like: carray(_address_of(t[j, 0], like), (t[j, 1], t[j, 2], 2))
+    return lambda t, j, like: carray(_address_of(t[j, 0], like), (t[j, 1], t[j, 2]))
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def decode_gpt2(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, K, V, slots, ends, scales, table, like):
     """Every layer of GPT-2 (decode_gpt2_block), x -> y for one, y -> x for the next: the output
     is in y for an odd number of layers, in x for an even. K, V [layers, slots, H, capacity, D];
-    scales [layers]; table [layers, 16, 3] (layer_table); like: an array of the matrices' dtype."""
+    scales [layers]; table [layers, 16, 3] (layer_table); like: an array of the matrices' dtype
+    (and number of dimensions: 3 for q8 stored as pairs)."""
     for i in range(table.shape[0]):
         t = table[i]
         decode_gpt2_block(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, K[i], V[i], slots, ends, scales[i],
@@ -1540,9 +1712,10 @@ def decode_gptj(x, y, h, u, cat, a, q, k, v, eps, T, act, K, V, slots, ends, sca
 
 def layer_table(layers) -> np.ndarray:
     """[layers, tensors, 3] int64: each tensor's address, rows and columns (0 for a vector), for
-    decode_gpt2 and decode_gptj. The tensors must be C-contiguous and outlive the table."""
+    decode_gpt2 and decode_gptj (a q8 matrix stored as pairs, [rows, columns, 2], as its rows
+    and columns). The tensors must be C-contiguous and outlive the table."""
     def row(t):
-        if not t.flags.c_contiguous or t.ndim > 2:
+        if not t.flags.c_contiguous or t.ndim > 3 or t.ndim == 3 and t.shape[2] != 2:
             raise ValueError(f"layer_table takes C-contiguous vectors and matrices, not {t.ndim}-d {t.strides}")
-        return (t.ctypes.data, t.shape[0], t.shape[1] if t.ndim == 2 else 0)
+        return (t.ctypes.data, t.shape[0], t.shape[1] if t.ndim >= 2 else 0)
     return np.array([[row(t) for t in layer] for layer in layers], np.int64).reshape(len(layers), -1, 3)

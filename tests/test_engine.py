@@ -242,15 +242,52 @@ def mapped(a: np.ndarray) -> bool:   # a view of a file's read-only mmap, as loa
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "q8"])
 def test_weights_stay_memory_mapped(factory, dtype):
-    """No copy at load: f32 arrays and low-precision bits are views of the file's mmap."""
+    """No copy at load: f32 arrays and low-precision bits are views of the file's mmap (but q8
+    matrices stored as pairs: test_q8_matrices_stored_as_pairs)."""
     from gptcpu.engine.weights import Packed
 
     m = gptcpu.load(factory.converted("gptj", dtype))
     for name, w in m.w.items():
         if isinstance(w, Packed):
-            assert w.dtype == dtype and mapped(w.bits) and (w.scale is None or mapped(w.scale)), name
+            assert w.dtype == dtype and (w.scale is None or mapped(w.scale)), name
+            assert mapped(w.bits) or w.bits.ndim == 3, name
         else:
             assert w.dtype == np.float32 and mapped(w), name
+
+
+@pytest.mark.skipif(not kernels.PAIRS, reason="this CPU has no int16 pair multiply (AVX2 or AVX-512BW)")
+@pytest.mark.parametrize("shape", ["gpt2-wide", "gptj", "gpt2-untied"])
+def test_q8_matrices_stored_as_pairs(factory, shape, monkeypatch):
+    """Load copies q8's block matrices into pairs (weights.pairs) where every one of them is
+    pairable (gpt2-untied's 120 columns are not a multiple of 16: none), and an untied head where
+    it is; the tables stay mapped. Against the same model on [K, N]: prefill's logits the same
+    bits; decode's the same where the GEMV on [K, N] runs on int16 pairs too (GPT-2 small's
+    width), else within x's rounding to int16 (the small matrices' column split); the greedy
+    tokens the same."""
+    from gptcpu.engine.weights import Packed
+
+    m = gptcpu.load(factory.converted(shape, "q8"))
+    monkeypatch.setattr(Packed, "pairable", property(lambda self: False))
+    rows = gptcpu.load(factory.converted(shape, "q8"))
+    blocks = [w for n, w in m.w.items() if n.startswith("blocks.") and isinstance(w, Packed)]
+    want = {"gpt2-untied": 2, "gpt2-wide": 3, "gptj": 3}[shape]
+    assert {w.bits.ndim for w in blocks} == {want}
+    assert all(not mapped(w.bits) for w in blocks if w.bits.ndim == 3)
+    assert mapped(m.w["wte"].bits) and all(w.bits.ndim == 2 for w in rows.w.values() if isinstance(w, Packed))
+    if "lm_head.weight" in m.w:
+        assert m.w["lm_head.weight"].bits.ndim == (3 if m.config.n_vocab % 16 == 0 else 2)
+    ids = prompt(m, 12)
+    np.testing.assert_array_equal(m.logits(ids), rows.logits(ids))
+    steps = {}
+    for k, model in (("pairs", m), ("rows", rows)):
+        cache = model.new_cache()
+        model.forward(np.array([ids[:4]]), cache)
+        steps[k] = np.concatenate([model.forward(np.array([[t]]), cache)[0] for t in ids[4:]])
+    if shape == "gpt2-wide":
+        np.testing.assert_array_equal(steps["pairs"], steps["rows"])
+    else:
+        np.testing.assert_allclose(steps["pairs"], steps["rows"], atol=5e-4 * np.abs(steps["rows"]).max(), rtol=0)
+    assert list(m.generate(ids, 8)) == list(rows.generate(ids, 8))
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "q8"])
@@ -263,12 +300,16 @@ def test_tied_head_is_the_one_copy_and_the_embedding_transposed(factory, dtype):
     wte = m.w["wte"]
     table = wte.bits if isinstance(wte, Packed) else wte
     head = m.head_w.bits if isinstance(m.head_w, Packed) else m.head_w
+    if head.ndim == 3:   # q8 stored as pairs (weights.pairs): back to [C, 320] to compare
+        head = head.transpose(0, 2, 1).reshape(-1, head.shape[1])[:wte.shape[1]]
     V, C = table.shape
-    assert head.shape == (C, 320) and head.flags.c_contiguous and not mapped(head)
+    assert head.shape == (C, 320) and not mapped(head)
+    assert m.head_w.shape == (C, 320) and (m.head_w.bits if isinstance(m.head_w, Packed) else m.head_w).flags.c_contiguous
     assert np.array_equal(head[:, :V], table.T) and not head[:, V:].any()
     if dtype == "q8":
         assert np.array_equal(m.head_w.scale[:V], wte.scale) and not m.head_w.scale[V:].any()
-    assert all(mapped(w.bits if isinstance(w, Packed) else w) for w in m.w.values())
+        assert m.head_w.bits.ndim == (3 if kernels.PAIRS else 2)
+    assert all(mapped(w.bits if isinstance(w, Packed) else w) or w.bits.ndim == 3 for w in m.w.values())
     assert m.logits([1, 2, 3]).shape == (3, V)
 
 

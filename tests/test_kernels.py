@@ -13,7 +13,7 @@ import torch
 from numba import njit
 
 from gptcpu.engine import blas, kernels
-from gptcpu.engine.weights import Packed, bf16_to_f32, f32_to_bf16
+from gptcpu.engine.weights import Packed, bf16_to_f32, f32_to_bf16, pairs, pairs_shape
 from test_engine import has_mkl
 
 SHAPES = [(1, 7, 5), (1, 768, 2304), (3, 769, 1001), (2, 130, 257), (8, 64, 513), (1, 1, 1), (5, 33, 256),
@@ -115,6 +115,56 @@ def test_gemv_row_alone_is_bit_for_bit_a_batch_row(dtype, K, N):
             np.testing.assert_array_equal(alone[0], batch[m])
 
 
+def test_pairs_layout():
+    """q8 weights [K, N] stored as pairs: [K8/2, N, 2] (K8: K rounded up to 8), pair row h
+    holding rows 2h and 2h + 1 side by side for each column, the rows past K zero; copied in
+    blocks of any even number of rows."""
+    rng = np.random.default_rng(0)
+    for K, N in ((16, 32), (37, 48), (8, 16), (1, 64), (2051, 80)):
+        w = rng.integers(-128, 128, (K, N)).astype(np.int8)
+        full = np.zeros((-(-K // 8) * 8, N), np.int8)
+        full[:K] = w
+        want = full.reshape(-1, 2, N).transpose(0, 2, 1)
+        for rows in (2, 6, 1024):
+            p = pairs(w, rows)
+            assert p.shape == pairs_shape((K, N)) == want.shape and p.flags.c_contiguous
+            np.testing.assert_array_equal(p, want)
+
+
+@pytest.mark.skipif(not kernels.PAIRS, reason="this CPU has no int16 pair multiply (AVX2 or AVX-512BW)")
+@pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (3, 3072, 768), (8, 1030, 1040), (6, 1029, 4096),
+                                   (5, 37, 32), (2, 100, 64), (1, 8, 16), (4, 131, 4096)])
+def test_q8_pairs_match_numpy_and_the_rows(M, K, N):
+    """The GEMV on q8 weights stored as pairs (a large matrix split by rows, a small one by
+    columns; 1-3 threads; with and without scale and bias) against x rounded to int16, as on
+    [K, N]; the same bits as [K, N] where that runs on int16 pairs too, and a row alone the same
+    bits as in a batch. The prefill GEMM on pairs: the same bits as on [K, N]."""
+    rng = np.random.default_rng(M * K + N)
+    w = rng.integers(-127, 128, (K, N)).astype(np.int8)
+    p, exact = pairs(w), w.astype(np.float32)
+    x = rng.standard_normal((M, K), dtype=np.float32)
+    xr = rounded_to_int16(x)
+    s, b = rng.uniform(0.5, 2, N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
+    out, rows, alone = (np.full((n, N), np.nan, np.float32) for n in (M, M, 1))
+    for threads in (1, 2, 3):
+        for sc, bi in ((kernels.NONE, kernels.NONE), (s, b)):
+            want = (xr @ exact) * (sc if sc.size else 1) + (bi if bi.size else 0)
+            kernels._matvec(x, p, out, threads, sc, bi)
+            assert np.abs(out - want).max() / np.abs(want).max() < 1e-5, (threads, sc.size)
+            if int16_x_gemv(w):
+                kernels._matvec(x, w, rows, threads, sc, bi)
+                np.testing.assert_array_equal(out, rows)
+            for m in range(M):
+                kernels._matvec(x[m:m + 1], p, alone, threads, sc, bi)
+                np.testing.assert_array_equal(alone[0], out[m])
+    x = rng.standard_normal((13, K), dtype=np.float32)
+    g, g2 = np.empty((13, N), np.float32), np.empty((13, N), np.float32)
+    for threads in (1, 2, 3):
+        kernels._gemm_pairs(x, p, g, s, b, threads)
+        kernels._gemm_pairs(x, w, g2, s, b, threads)
+        np.testing.assert_array_equal(g, g2)
+
+
 AVX2 = "+avx,+avx2,+fma,+f16c,+sse4.2,+popcnt,+bmi,+bmi2"   # what a Haswell-class CPU has
 
 
@@ -167,6 +217,18 @@ def test_kernels_on_eight_lane_vectors():
         assert np.abs(out - want).max() / np.abs(want).max() < 1e-4
         kernels.gemm(np.eye(300, dtype=np.float32), w, out := np.empty((300, 70), np.float32))
         assert (out == w).all()
+        from gptcpu.engine.weights import pairs
+        for K, N in ((1024, 1024), (37, 40)):   # stored as pairs: the row split and the column split
+            w = rng.integers(-127, 128, (K, N)).astype(np.int8)
+            x = rng.standard_normal((5, K)).astype(np.float32)
+            batch, alone = np.empty((5, N), np.float32), np.empty((1, N), np.float32)
+            kernels._matvec(x, pairs(w), batch, 2, kernels.NONE, kernels.NONE)
+            want = x @ w.astype(np.float32)
+            assert np.abs(batch - want).max() / np.abs(want).max() < 1e-4, (K, N)
+            kernels._matvec(x[4:], pairs(w), alone, 2, kernels.NONE, kernels.NONE)
+            assert np.array_equal(alone[0], batch[4]), (K, N)
+            kernels.gemm(x, pairs(w), out := np.empty((5, N), np.float32))
+            assert np.abs(out - want).max() / np.abs(want).max() < 1e-4, (K, N)
     """
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": AVX2}
@@ -408,6 +470,10 @@ def test_layer_table_gives_the_compiled_code_each_tensor_back():
     np.testing.assert_array_equal(m2, m)
     with pytest.raises(ValueError, match="C-contiguous"):
         kernels.layer_table([(v, m.T)])
+    p = pairs(np.arange(-64, 64, dtype=np.int8).reshape(8, 16))   # q8 stored as pairs: [4, 16, 2]
+    t = kernels.layer_table([(v, p)])
+    assert t.tolist() == [[[v.ctypes.data, 5, 0], [p.ctypes.data, 4, 16]]]
+    np.testing.assert_array_equal(_from_table(t[0], np.empty((0, 0, 2), np.int8))[1], p)
 
 
 def test_gelu_new_same_on_every_layout():
@@ -500,7 +566,7 @@ def test_bf16_prefill_on_mkls_bf16_gemm():
     code = """if 1:
         import numpy as np
         from gptcpu.engine import blas
-        from gptcpu.engine.weights import Packed, bf16_to_f32, f32_to_bf16
+        from gptcpu.engine.weights import Packed, bf16_to_f32, f32_to_bf16, pairs, pairs_shape
         blas.use("mkl", "openmp")
         assert blas.active().amx_bf16
         rng = np.random.default_rng(0)
