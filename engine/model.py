@@ -185,7 +185,8 @@ def attention(q, k, v, bias, scale):  # [B,H,T,D], [B,H,S,D], [B,H,S,D], [B,1,T,
 
 
 class Model:
-    """A loaded gptcpu model: config, weights (mmap'd: no copy but a tied LM head's transpose), tokenizer."""
+    """A loaded gptcpu model: config, weights (mmap'd: no copy but a tied LM head's transpose and
+    q8 matrices stored as pairs, _as_pairs), tokenizer."""
 
     def __init__(self, config: Config, weights: dict[str, np.ndarray], tokenizer=None, path: Path | None = None,
                  kv_cache: str | None = None):
@@ -503,7 +504,8 @@ def _tied_head(wte):
     f32 6.44 -> 4.46); decode, in one process alternating with the matvec_t head, 1.04x at q8,
     1.06x bf16 and f16, 1.10x f32, the same greedy tokens. The one copy load makes: the
     table's own pages leave RSS as they are copied (weights.transposed), and the embedding
-    gather faults back only the rows it reads. Load takes 0.1-0.3 s longer for GPT-2 small."""
+    gather faults back only the rows it reads. Load takes 0.1-0.3 s longer for GPT-2 small.
+    A q8 head is then stored as pairs (Packed.as_pairs) where the CPU multiplies int16 pairs."""
     table = wte.bits if isinstance(wte, Packed) else wte
     width = -(-table.shape[0] // 64) * 64
     head = transposed(table, width)
