@@ -508,11 +508,14 @@ def _tied_head(wte):
     A q8 head is then stored as pairs (Packed.as_pairs) where the CPU multiplies int16 pairs."""
     table = wte.bits if isinstance(wte, Packed) else wte
     width = -(-table.shape[0] // 64) * 64
-    head = transposed(table, width)
     if not isinstance(wte, Packed):
-        return head
+        return transposed(table, width)
     scale = None if wte.scale is None else np.pad(wte.scale, (0, width - len(wte.scale)))
-    head = Packed(head, wte.dtype, scale)
+    C = table.shape[1]
+    if wte.dtype == "q8" and kernels.PAIRS and C % 8 == 0:   # as pairs (Packed.pairable), in one copy:
+        # the head's pairs of rows are wte's pairs of columns, its int16 view's transpose
+        return Packed(transposed(table.view(np.int16), width).view(np.int8).reshape(C // 2, width, 2), "q8", scale, C)
+    head = Packed(transposed(table, width), wte.dtype, scale)
     return head.as_pairs() if head.pairable else head
 
 
