@@ -505,7 +505,8 @@ def _tied_head(wte):
     1.06x bf16 and f16, 1.10x f32, the same greedy tokens. The one copy load makes: the
     table's own pages leave RSS as they are copied (weights.transposed), and the embedding
     gather faults back only the rows it reads. Load takes 0.1-0.3 s longer for GPT-2 small.
-    A q8 head is then stored as pairs (Packed.as_pairs) where the CPU multiplies int16 pairs."""
+    A q8 head is stored as pairs (Packed.as_pairs) where the CPU multiplies int16 pairs, copied
+    straight into them where C is a multiple of 8."""
     table = wte.bits if isinstance(wte, Packed) else wte
     width = -(-table.shape[0] // 64) * 64
     if not isinstance(wte, Packed):
@@ -556,6 +557,8 @@ def _as_pairs(weights: dict) -> dict:
     head = weights.get("lm_head.weight")
     if isinstance(head, Packed) and head.pairable:
         names.append("lm_head.weight")
+    if not names:
+        return weights
     # one allocation for them all, each matrix from a cache line: NumPy asks for transparent huge
     # pages above 4 MB, where each matrix on its own (GPT-2 small's 0.6-2.4 MB) gets 4 KB pages
     # (its 48 GEMVs from memory, 2 threads, Xeon: 4.48 ms on 4 KB pages, 4.34 on huge ones)

@@ -256,26 +256,45 @@ def test_weights_stay_memory_mapped(factory, dtype):
 
 
 @pytest.mark.skipif(not kernels.PAIRS, reason="this CPU has no int16 pair multiply (AVX2 or AVX-512BW)")
-@pytest.mark.parametrize("shape", ["gpt2-wide", "gptj", "gpt2-untied"])
+def test_q8_matrices_become_pairs_all_or_none():
+    """model._as_pairs: the blocks' q8 matrices as pairs where every one is pairable (N a
+    multiple of the lanes), else none of them; an untied LM head on its own; tables never."""
+    from gptcpu.engine.model import _as_pairs
+    from gptcpu.engine.weights import Packed
+
+    rng = np.random.default_rng(0)
+    q8 = lambda k, n: Packed(rng.integers(-127, 128, (k, n)).astype(np.int8), "q8", np.ones(n, np.float32))  # noqa: E731
+    lanes = kernels.LANES
+    for odd in (False, True):
+        w = {"wte": q8(50, 2 * lanes), "blocks.0.attn.w_qkv": q8(2 * lanes, 6 * lanes),
+             "blocks.0.mlp.w_out": q8(37, 2 * lanes + odd), "lm_head.weight": q8(2 * lanes, 48 * lanes)}
+        out = _as_pairs(w)
+        assert [out[n].bits.ndim for n in w] == [2, 2 if odd else 3, 2 if odd else 3, 3]
+        for n in w:
+            assert out[n].shape == w[n].shape and out[n].scale is w[n].scale
+        x = rng.standard_normal((3, 37)).astype(np.float32)
+        np.testing.assert_allclose(x @ out["blocks.0.mlp.w_out"], x @ w["blocks.0.mlp.w_out"], rtol=0,
+                                   atol=1e-4 * np.abs(x @ w["blocks.0.mlp.w_out"]).max())
+
+
+@pytest.mark.skipif(not kernels.PAIRS, reason="this CPU has no int16 pair multiply (AVX2 or AVX-512BW)")
+@pytest.mark.parametrize("shape", ["gpt2-wide", "gptj"])
 def test_q8_matrices_stored_as_pairs(factory, shape, monkeypatch):
-    """Load copies q8's block matrices into pairs (weights.pairs) where every one of them is
-    pairable (gpt2-untied's 120 columns are not a multiple of 16: none), and an untied head where
-    it is; the tables stay mapped. Against the same model on [K, N]: prefill's logits the same
-    bits; decode's the same where the GEMV on [K, N] runs on int16 pairs too (GPT-2 small's
-    width), else within x's rounding to int16 (the small matrices' column split); the greedy
-    tokens the same."""
+    """Load copies q8's block matrices into pairs (weights.pairs, model._as_pairs), and an
+    untied head; the tables stay mapped. Against the same model on [K, N]: prefill's logits the
+    same bits; decode's the same where the GEMV on [K, N] runs on int16 pairs too (GPT-2
+    small's width), else within x's rounding to int16 (the small matrices' column split); the
+    greedy tokens the same."""
     from gptcpu.engine.weights import Packed
 
     m = gptcpu.load(factory.converted(shape, "q8"))
     monkeypatch.setattr(Packed, "pairable", property(lambda self: False))
     rows = gptcpu.load(factory.converted(shape, "q8"))
     blocks = [w for n, w in m.w.items() if n.startswith("blocks.") and isinstance(w, Packed)]
-    want = {"gpt2-untied": 2, "gpt2-wide": 3, "gptj": 3}[shape]
-    assert {w.bits.ndim for w in blocks} == {want}
-    assert all(not mapped(w.bits) for w in blocks if w.bits.ndim == 3)
+    assert blocks and all(w.bits.ndim == 3 and not mapped(w.bits) for w in blocks)
     assert mapped(m.w["wte"].bits) and all(w.bits.ndim == 2 for w in rows.w.values() if isinstance(w, Packed))
     if "lm_head.weight" in m.w:
-        assert m.w["lm_head.weight"].bits.ndim == (3 if m.config.n_vocab % 16 == 0 else 2)
+        assert m.w["lm_head.weight"].bits.ndim == 3
     ids = prompt(m, 12)
     np.testing.assert_array_equal(m.logits(ids), rows.logits(ids))
     steps = {}
