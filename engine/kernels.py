@@ -701,7 +701,11 @@ def _matvec_cols_pairs(x, w, out, threads, scale, bias):
                 acc[m, j] = 0
         for k in range(0, K, 8):
             for j in range(n0, n1, LANES):
-                for m in range(M):
+                m = 0
+                while m + 4 <= M:   # each weight loaded and widened once for four rows of x
+                    _pairs_4(w, k, j, xq, KP, xs, nkb, acc, m)
+                    m += 4
+                for m in range(m, M):
                     _pairs_1(w, k, j, xq, KP, xs, nkb, acc, m)
         for m in range(M):
             for j in range(n0, n1):
@@ -1526,17 +1530,12 @@ def interleave(src, dst, h0):
     """dst[h0 + h, j] = (src[2h, j], src[2h + 1, j]): q8 weights' rows as pairs, for
     weights.pairs (an odd last row paired with 0)."""
     K, N = src.shape
+    zeros = np.zeros(N, np.int8)
     for h in prange((K + 1) // 2):
-        lo, d = src[2 * h], dst[h0 + h]
-        if 2 * h + 1 < K:
-            hi = src[2 * h + 1]
-            for j in range(N):
-                d[j, 0] = lo[j]
-                d[j, 1] = hi[j]
-        else:
-            for j in range(N):
-                d[j, 0] = lo[j]
-                d[j, 1] = 0
+        lo, hi, d = src[2 * h], src[2 * h + 1] if 2 * h + 1 < K else zeros, dst[h0 + h]
+        for j in range(N):
+            d[j, 0] = lo[j]
+            d[j, 1] = hi[j]
 
 
 def warm_up() -> None:
