@@ -296,7 +296,7 @@ def _matvec_split(x, w, out, T, scale, bias):
 
 @overload(_matvec_split, inline="always")
 def _matvec_split_impl(x, w, out, T, scale, bias):
-    if w.ndim == 3:
+    if w.ndim == 4:
         def pairs(x, w, out, T, scale, bias):
             if w.nbytes <= SMALL:
                 _matvec_cols_pairs(x, w, out, T, scale, bias)
@@ -335,19 +335,20 @@ def _chunk_width(N):
 def _next_rows(w, k, c0, width):
     """What the row split reads after columns c0:c0+width of rows k..k+7: these rows' next
     chunk, or the next eight rows' first; as eight views from there whose element j is in the
-    line to prefetch for column j (w [K, N]: the eight rows; w stored as pairs, [K/2, N, 2]:
-    the four pair rows, each as two views of its pairs' first bytes, from its first line and
-    its second: slices, where a reshape to a flat row would be a call out of line)."""
+    line to prefetch for column j (w [K, N]: the eight rows; w stored as pairs, [4, K/8, N, 2]:
+    the four pair rows, one in each stripe, each as two views of its pairs' first bytes, from
+    its first line and its second: slices, where a reshape to a flat row would be a call out
+    of line)."""
 
 
 @overload(_next_rows, inline="always")
 def _next_rows_impl(w, k, c0, width):
-    if w.ndim == 3:
+    if w.ndim == 4:
         def pairs(w, k, c0, width):
-            H, N = w.shape[0], w.shape[1]
-            hp, cp = (k // 2, c0 + width) if c0 + width < N else (min(k // 2 + 4, H - 4), 0)
-            return (w[hp, cp:, 0], w[hp, cp + 32:, 0], w[hp + 1, cp:, 0], w[hp + 1, cp + 32:, 0],
-                    w[hp + 2, cp:, 0], w[hp + 2, cp + 32:, 0], w[hp + 3, cp:, 0], w[hp + 3, cp + 32:, 0])
+            G, N = w.shape[1], w.shape[2]
+            g, cp = (k // 8, c0 + width) if c0 + width < N else (min(k // 8 + 1, G - 1), 0)
+            return (w[0, g, cp:, 0], w[0, g, cp + 32:, 0], w[1, g, cp:, 0], w[1, g, cp + 32:, 0],
+                    w[2, g, cp:, 0], w[2, g, cp + 32:, 0], w[3, g, cp:, 0], w[3, g, cp + 32:, 0])
         return pairs
 
     def rows(w, k, c0, width):
@@ -550,7 +551,7 @@ def _pairs_of_rows(R):
     rows k..k+7 (columns j:j+LANES of w) times x's row m + r as int16 pairs (xq, KP int32s a
     row; see _quantize_row) and its block's scale (xs, nkb a row): the weights of rows k and
     k+1 interleaved into int16 pairs once for the R rows of x (w [K, N]: two loads and a
-    shuffle; w stored as pairs [K/2, N, 2], weights.pairs: one load), four vpdpwssd (pmaddwd
+    shuffle; w stored as pairs [4, K/8, N, 2], weights.pairs: one load), four vpdpwssd (pmaddwd
     and an add without VNNI) into exact integer sums, then acc += float(sum) * scale in one FMA. The
     scale is a power of two, so that product is exact and the FMA rounds once: the same bits
     for a row alone (R = 1) and in a group of four (R = 4)."""
@@ -580,10 +581,12 @@ def _pairs_of_rows(R):
             mix = ir.Constant(ir.VectorType(i32, 2 * LANES), [v for n in range(LANES) for v in (n, n + LANES)])
             wp = []
             for p in range(4):   # rows k + 2p and k + 2p + 1 as LANES int16 pairs
-                if wty.ndim == 3:   # stored as pairs (weights.pairs): one load, one widening
-                    # (at (half + p) * 2N + 2j: numba's index into [K/2, N, 2] multiplies by the runtime 2,
-                    # and LLVM kept 16 addresses apart, on the stack; 20-40% slower hot)
-                    row = builder.mul(builder.add(half, const(p)), builder.mul(cgutils.unpack_tuple(builder, W.shape)[1], const(2)))
+                if wty.ndim == 4:   # stored as pairs (weights.pairs): one load, one widening
+                    # (pair row k/2 + p: stripe p's row k/8, at (p * G + k/8) * 2N + 2j: numba's index into
+                    # [4, G, N, 2] multiplies by the runtime 2, and LLVM kept 16 addresses apart, on the
+                    # stack; 20-40% slower hot)
+                    _, G, N2, _ = cgutils.unpack_tuple(builder, W.shape)
+                    row = builder.mul(builder.add(builder.mul(const(p), G), builder.sdiv(k, const(8))), builder.mul(N2, const(2)))
                     ptr = builder.gep(W.data, [builder.add(row, builder.mul(j, const(2)))])
                     v = builder.load(builder.bitcast(ptr, ir.VectorType(i8, 2 * LANES).as_pointer()), align=1)
                     wp.append(builder.sext(v, ir.VectorType(i16, 2 * LANES)))
@@ -642,16 +645,18 @@ def _matvec_pairs(x, w, out, threads, scale, bias):
     widens every weight to f32 for one FMA each, two weights go into each lane of one vpdpwssd.
     Decode and prefill then round x the same way. The same split (rows in multiples of eight a
     thread), chunks and prefetches as _matvec_rows; each row's sums the same bits alone or with
-    others. Against _matvec_rows, in one process, alternating, 64 MB read before each step
+    others. On q8 stored as pairs (weights.pairs) the eight rows are a pair row from each of the
+    four stripes: each thread streams four ranges in order. Against _matvec_rows, in one
+    process, alternating, 64 MB read before each step
     (2-core Xeon, Emerald Rapids): GPT-2-small q8 decode 1.11-1.14x at batch 1, 1.11x at
     batch 4, GPT-J width 1.23x; the same greedy tokens. GPT-2-small's 48 GEMVs alone, from
     memory: 1.15-1.21x (its prototype)."""
     M, K = x.shape
-    N = w.shape[1]
+    N = out.shape[1]
     T = min(threads, max(1, K // 16))
     xq, xs, KP, nkb = _quantize_rows(x)
     part = np.empty((T, M, N), np.float32)
-    K = w.shape[0] * (w.ndim - 1)   # w's rows: as pairs, K rounded up to 8 (the rows past x's K are zeros)
+    K = (K + 7) // 8 * 8   # as pairs, w's rows past x's K are zeros
     step = ((K + T - 1) // T + 7) // 8 * 8
     ahead = M == 1
     width = _chunk_width(N)
@@ -687,10 +692,11 @@ def _matvec_pairs(x, w, out, threads, scale, bias):
 
 @njit(parallel=True, fastmath=True, boundscheck=False, cache=True, nogil=True)
 def _matvec_cols_pairs(x, w, out, threads, scale, bias):
-    """_matvec_cols for q8 weights stored as pairs ([K/2, N, 2], N a multiple of LANES): each
+    """_matvec_cols for q8 weights stored as pairs ([4, K/8, N, 2], N a multiple of LANES): each
     thread owns a range of columns (a multiple of LANES), against x rounded to int16 as in
     _matvec_pairs; each row of x the same sums alone or with others."""
-    M, N, K = x.shape[0], w.shape[1], 2 * w.shape[0]
+    M, N = out.shape
+    K = (x.shape[1] + 7) // 8 * 8   # (w's rows past x's K are zeros)
     xq, xs, KP, nkb = _quantize_rows(x)
     acc = np.empty((M, N), np.float32)
     step = ((N + threads - 1) // threads + LANES - 1) // LANES * LANES
@@ -1341,17 +1347,17 @@ def _pack_pair_row(typingctx, row, c, dst, j):
     return sig, codegen
 
 
-# _gemm_pairs' reading of w, for w [K, N] and for w stored as pairs ([K/2, N, 2], weights.pairs)
+# _gemm_pairs' reading of w, for w [K, N] and for w stored as pairs ([4, K/8, N, 2], weights.pairs)
 
 def _pair_rows(w, k, end, zeros):
     """Rows k and k+1 of w as (lo, hi) (hi = zeros at an odd last row, k + 1 = end); for w stored
-    as pairs, pair row k/2 ([N, 2]), twice."""
+    as pairs, pair row k/2 ([N, 2]: stripe k/2 % 4, its row k/8), twice."""
 
 
 @overload(_pair_rows, inline="always")
 def _pair_rows_impl(w, k, end, zeros):
-    if w.ndim == 3:
-        return lambda w, k, end, zeros: (w[k // 2], w[k // 2])
+    if w.ndim == 4:
+        return lambda w, k, end, zeros: (w[k // 2 % 4, k // 8], w[k // 2 % 4, k // 8])
     return lambda w, k, end, zeros: (w[k], w[k + 1] if k + 1 < end else zeros)
 
 
@@ -1361,9 +1367,9 @@ def _prefetch_pair_rows(w, k, j0, jn):
 
 @overload(_prefetch_pair_rows, inline="always")
 def _prefetch_pair_rows_impl(w, k, j0, jn):
-    if w.ndim == 3:
+    if w.ndim == 4:
         def pairs(w, k, j0, jn):
-            row = w[k // 2, :, 0]   # (element j: the line of column j's pair)
+            row = w[k // 2 % 4, k // 8, :, 0]   # (element j: the line of column j's pair)
             for j in range(j0, jn, 32):
                 _prefetch(row, j)
         return pairs
@@ -1382,7 +1388,7 @@ def _pack_pair_rows(w, lo, hi, c, dst, j):
 
 @overload(_pack_pair_rows, inline="always")
 def _pack_pair_rows_impl(w, lo, hi, c, dst, j):
-    if w.ndim == 3:
+    if w.ndim == 4:
         return lambda w, lo, hi, c, dst, j: _pack_pair_row(lo, c, dst, j)
     return lambda w, lo, hi, c, dst, j: _pack_pairs(lo, hi, c, dst, j)
 
@@ -1393,7 +1399,7 @@ def _pair_at(w, lo, hi, c):
 
 @overload(_pair_at, inline="always")
 def _pair_at_impl(w, lo, hi, c):
-    if w.ndim == 3:
+    if w.ndim == 4:
         return lambda w, lo, hi, c: _pair(lo[c, 0], lo[c, 1])
     return lambda w, lo, hi, c: _pair(lo[c], hi[c])
 
@@ -1458,7 +1464,7 @@ def _gemm_pairs(x, w, out, scale, bias, T):
     where _gemm widens them to f32 and runs one FMA per weight per lane. The same blocking,
     packing and prefetching as _gemm; micro-panels hold int16 pairs of rows k, k+1."""
     M, K = x.shape
-    N = w.shape[1]
+    N = out.shape[1]
     if _gemm_trivial(M, K, N, out, scale, bias):
         return
     nib = (M + MR - 1) // MR
@@ -1527,12 +1533,13 @@ def small_matmul(x, w, bias=None):
 
 @njit(parallel=True, boundscheck=False, cache=True, nogil=True)
 def interleave(src, dst, h0):
-    """dst[h0 + h, j] = (src[2h, j], src[2h + 1, j]): q8 weights' rows as pairs, for
-    weights.pairs (an odd last row paired with 0)."""
+    """Pair row h0 + h of dst [4, K/8, N, 2] (stripe (h0 + h) % 4, its row (h0 + h) // 4), for
+    each column j, = (src[2h, j], src[2h + 1, j]): q8 weights' rows as pairs, for weights.pairs
+    (an odd last row paired with 0)."""
     K, N = src.shape
     zeros = np.zeros(N, np.int8)
     for h in prange((K + 1) // 2):
-        lo, hi, d = src[2 * h], src[2 * h + 1] if 2 * h + 1 < K else zeros, dst[h0 + h]
+        lo, hi, d = src[2 * h], src[2 * h + 1] if 2 * h + 1 < K else zeros, dst[(h0 + h) % 4, (h0 + h) // 4]
         for j in range(N):
             d[j, 0] = lo[j]
             d[j, 1] = hi[j]
@@ -1672,13 +1679,13 @@ def _vector(t, j):   # tensor j of a layer's table row t, a float32 vector
 
 def _matrix(t, j, like):
     """Tensor j of a layer's table row t, a matrix of like's dtype and number of dimensions
-    (3: q8 weights stored as pairs, [rows, columns, 2])."""
+    (4: q8 weights stored as pairs, [4, rows, columns, 2])."""
 
 
 @overload(_matrix, inline="always")
 def _matrix_impl(t, j, like):
-    if like.ndim == 3:
-        return lambda t, j, like: carray(_address_of(t[j, 0], like), (t[j, 1], t[j, 2], 2))
+    if like.ndim == 4:
+        return lambda t, j, like: carray(_address_of(t[j, 0], like), (4, t[j, 1], t[j, 2], 2))
     return lambda t, j, like: carray(_address_of(t[j, 0], like), (t[j, 1], t[j, 2]))
 
 
@@ -1687,7 +1694,7 @@ def decode_gpt2(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, K, V, slots, ends, 
     """Every layer of GPT-2 (decode_gpt2_block), x -> y for one, y -> x for the next: the output
     is in y for an odd number of layers, in x for an even. K, V [layers, slots, H, capacity, D];
     scales [layers]; table [layers, 16, 3] (layer_table); like: an array of the matrices' dtype
-    (and number of dimensions: 3 for q8 stored as pairs)."""
+    (and number of dimensions: 4 for q8 stored as pairs)."""
     for i in range(table.shape[0]):
         t = table[i]
         decode_gpt2_block(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, K[i], V[i], slots, ends, scales[i],
@@ -1711,10 +1718,11 @@ def decode_gptj(x, y, h, u, cat, a, q, k, v, eps, T, act, K, V, slots, ends, sca
 
 def layer_table(layers) -> np.ndarray:
     """[layers, tensors, 3] int64: each tensor's address, rows and columns (0 for a vector), for
-    decode_gpt2 and decode_gptj (a q8 matrix stored as pairs, [rows, columns, 2], as its rows
+    decode_gpt2 and decode_gptj (a q8 matrix stored as pairs, [4, rows, columns, 2], as its rows
     and columns). The tensors must be C-contiguous and outlive the table."""
     def row(t):
-        if not t.flags.c_contiguous or t.ndim > 3 or t.ndim == 3 and t.shape[2] != 2:
+        pairs = t.ndim == 4 and t.shape[0] == 4 and t.shape[3] == 2
+        if not t.flags.c_contiguous or t.ndim > 2 and not pairs:
             raise ValueError(f"layer_table takes C-contiguous vectors and matrices, not {t.ndim}-d {t.strides}")
-        return (t.ctypes.data, t.shape[0], t.shape[1] if t.ndim >= 2 else 0)
+        return (t.ctypes.data, *(t.shape[1:3] if pairs else (t.shape[0], t.shape[1] if t.ndim == 2 else 0)))
     return np.array([[row(t) for t in layer] for layer in layers], np.int64).reshape(len(layers), -1, 3)

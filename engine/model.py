@@ -348,7 +348,7 @@ class Model:
         """What kernels.decode_gpt2 and decode_gptj take for the layers, bound once: the table of
         each block's tensors (layer norms' weight and bias, each weight matrix as bits, q8 scale
         or kernels.NONE, bias, in its order; kernels.layer_table), an empty array of the
-        matrices' dtype (3-d where q8 matrices are stored as pairs), each layer's attention
+        matrices' dtype (4-d where q8 matrices are stored as pairs), each layer's attention
         scale, and the tensors (which the table points into). None where a matrix is neither
         Packed nor C-contiguous float32, a tensor is not C-contiguous, the matrices differ in
         dtype or layout, or the activation has no compiled form:
@@ -362,8 +362,8 @@ class Model:
             kinds = {(t.dtype, t.ndim) for block in blocks for t in block if t.ndim >= 2}
             contiguous = all(t.flags.c_contiguous for block in blocks for t in block)
             if len(kinds) == 1 and contiguous:
-                dtype, ndim = kinds.pop()   # like: an empty array of the matrices' dtype, 3-d for q8 pairs
-                like = np.empty((0, 0, 2) if ndim == 3 else 0, dtype)
+                dtype, ndim = kinds.pop()   # like: an empty array of the matrices' dtype, 4-d for q8 pairs
+                like = np.empty((4, 0, 0, 2) if ndim == 4 else 0, dtype)
                 self._decode = (kernels.layer_table(blocks), like, np.array(self.attn_scale, F32), blocks)
             else:
                 self._decode = ()
@@ -390,7 +390,7 @@ class Model:
         eps, T, act = F32(c.layer_norm_epsilon), threads.kernel_threads(), kernels.DECODE_ACTIVATIONS[c.activation]
         y, h, a, q, k, v = (np.empty(shape, F32) for shape in [(N, C)] * 2 + [(N, H, D)] * 4)
         table, like, scales, blocks = self._decode_args()
-        u = np.empty((N, blocks[0][2].shape[1]), F32)   # a block's first matrix: w_qkv, or GPT-J's w_in
+        u = np.empty((N, table[0, 2, 2]), F32)   # a block's first matrix's columns: w_qkv, or GPT-J's w_in
         if c.parallel_residual:   # GPT-J
             cat = np.empty((N, C + u.shape[1] - 3 * C), F32)
             cos, sin = (self.cos, self.sin) if c.rotary_dim else (np.empty((c.n_ctx, 0), F32),) * 2
@@ -515,7 +515,9 @@ def _tied_head(wte):
     C = table.shape[1]
     if wte.dtype == "q8" and kernels.PAIRS and C % 8 == 0:   # as pairs (Packed.pairable), in one copy:
         # the head's pairs of rows are wte's pairs of columns, its int16 view's transpose
-        return Packed(transposed(table.view(np.int16), width).view(np.int8).reshape(C // 2, width, 2), "q8", scale, C)
+        out = np.zeros((4, C // 8, width), np.int16)   # (pair row h: stripe h % 4, its row h // 4)
+        transposed(table.view(np.int16), width, out=out.transpose(1, 0, 2))
+        return Packed(out.view(np.int8).reshape(4, C // 8, width, 2), "q8", scale, C)
     head = Packed(transposed(table, width), wte.dtype, scale)
     return head.as_pairs() if head.pairable else head
 

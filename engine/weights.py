@@ -112,34 +112,41 @@ def mmap_tensor(path: str | Path, name: str, header: dict, start: int) -> np.nda
     return _view(mm, info, -begin, name)
 
 
-def transposed(table: np.ndarray, width: int, rows: int = 1024) -> np.ndarray:
+def transposed(table: np.ndarray, width: int, rows: int = 1024, out: np.ndarray | None = None) -> np.ndarray:
     """table [V, C] -> its transpose as a C-contiguous [C, width] array (width >= V; the columns
-    past V are zero), copied `rows` rows at a time. Where table is a view of a file's mmap, the
-    pages of each block copied leave this process's RSS (madvise DONTNEED: they stay in the page
-    cache, and what is read again faults back in), so that the copy does not hold the table twice."""
+    past V are zero), copied `rows` rows at a time; or into out [..., width] (zeros), whose
+    leading axes hold the C rows in order (a view: out[..., v] is column v of the table).
+    Where table is a view of a file's mmap, the pages of each block copied leave this process's
+    RSS (madvise DONTNEED: they stay in the page cache, and what is read again faults back in),
+    so that the copy does not hold the table twice."""
     V, C = table.shape
-    out = np.zeros((C, width), table.dtype)
+    out = np.zeros((C, width), table.dtype) if out is None else out
     release = _Release(table)
     for v0 in range(0, V, rows):
         block = table[v0:v0 + rows]
-        out[:, v0:v0 + len(block)] = block.T
+        out[..., v0:v0 + len(block)] = block.T.reshape(*out.shape[:-1], len(block))
         release.upto(block)
     return out
 
 
-def pairs_shape(shape: tuple[int, int]) -> tuple[int, int, int]:
+def pairs_shape(shape: tuple[int, int]) -> tuple[int, int, int, int]:
     """The shape of q8 weights [K, N] stored as pairs (`pairs`)."""
-    return -(-shape[0] // 8) * 4, shape[1], 2
+    return 4, -(-shape[0] // 8), shape[1], 2
 
 
 def pairs(w: np.ndarray, rows: int = 1024, out: np.ndarray | None = None) -> np.ndarray:
-    """q8 weights [K, N] -> stored as pairs, [K8/2, N, 2] (K8: K rounded up to 8, the rows past
-    K zero): out[h, j] = (w[2h, j], w[2h + 1, j]), the two weights that one int16-pair lane of
-    the GEMV and the GEMM multiplies, so that the kernels widen them with one load where [K, N]
-    takes two loads and a shuffle (kernels._pairs_of_rows; 2 threads, Xeon, hot: GPT-2 small's
-    QKV matrix 56 -> 40 us; its q8 decode 1.06-1.12x from memory). Copied `rows` (even) rows at
-    a time, releasing a mapped w's pages as transposed does; into out where given (zeros, of
-    pairs_shape)."""
+    """q8 weights [K, N] -> stored as pairs in four stripes, [4, K8/8, N, 2] (K8: K rounded up
+    to 8, the rows past K zero): out[p, g, j] = (w[8g + 2p, j], w[8g + 2p + 1, j]).
+
+    A pair holds the two weights that one int16-pair lane of the GEMV and the GEMM multiplies,
+    so that the kernels widen them with one load where [K, N] takes two loads and a shuffle
+    (kernels._pairs_of_rows; 2 threads, Xeon, hot: GPT-2 small's QKV matrix 56 -> 40 us; its
+    q8 decode 1.06-1.12x from memory). The GEMV reads eight rows (four pair rows) at a time,
+    one from each stripe: four streams, each through its stripe in order, where the four pair
+    rows side by side made four short runs (one row, 1.5 KB for GPT-2's MLP output matrix) and a
+    jump; from memory, 2 threads, Xeon: that matrix 168 -> 123 us a call, the MLP input 137 ->
+    112. Copied `rows` (even) rows at a time, releasing a mapped w's pages as transposed does;
+    into out where given (zeros, of pairs_shape)."""
     K, N = w.shape
     out = np.zeros(pairs_shape(w.shape), np.int8) if out is None else out
     release = _Release(w)
@@ -211,7 +218,7 @@ class Packed:
     tied LM head is its transpose, copied once at load: model._tied_head). dtype: "bf16" (uint16
     bits), "f16" (int16 view of the float16 bits) or "q8" (int8, with `scale`: one f32 per
     output channel, applied to the sums, or per row of an embedding table). A q8 matrix may be
-    stored as pairs instead ([K8/2, N, 2], see `pairs` and `as_pairs`; k then says its K).
+    stored as pairs instead ([4, K8/8, N, 2], see `pairs` and `as_pairs`; k then says its K).
     """
 
     __array_ufunc__ = None   # so that `x @ packed` calls our __rmatmul__
@@ -225,7 +232,7 @@ class Packed:
     @property
     def shape(self) -> tuple[int, int]:
         """The logical [in, out] shape of the product x @ w."""
-        return self.k, self.bits.shape[1]
+        return self.k, self.bits.shape[-2 if self.bits.ndim == 4 else 1]
 
     @property
     def pairable(self) -> bool:

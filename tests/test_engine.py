@@ -250,7 +250,7 @@ def test_weights_stay_memory_mapped(factory, dtype):
     for name, w in m.w.items():
         if isinstance(w, Packed):
             assert w.dtype == dtype and (w.scale is None or mapped(w.scale)), name
-            assert mapped(w.bits) or w.bits.ndim == 3, name
+            assert mapped(w.bits) or w.bits.ndim == 4, name
         else:
             assert w.dtype == np.float32 and mapped(w), name
 
@@ -269,7 +269,7 @@ def test_q8_matrices_become_pairs_all_or_none():
         w = {"wte": q8(50, 2 * lanes), "blocks.0.attn.w_qkv": q8(2 * lanes, 6 * lanes),
              "blocks.0.mlp.w_out": q8(37, 2 * lanes + odd), "lm_head.weight": q8(2 * lanes, 48 * lanes)}
         out = _as_pairs(w)
-        assert [out[n].bits.ndim for n in w] == [2, 2 if odd else 3, 2 if odd else 3, 3]
+        assert [out[n].bits.ndim for n in w] == [2, 2 if odd else 4, 2 if odd else 4, 4]
         for n in w:
             assert out[n].shape == w[n].shape and out[n].scale is w[n].scale
         x = rng.standard_normal((3, 37)).astype(np.float32)
@@ -291,10 +291,10 @@ def test_q8_matrices_stored_as_pairs(factory, shape, monkeypatch):
     monkeypatch.setattr(Packed, "pairable", property(lambda self: False))
     rows = gptcpu.load(factory.converted(shape, "q8"))
     blocks = [w for n, w in m.w.items() if n.startswith("blocks.") and isinstance(w, Packed)]
-    assert blocks and all(w.bits.ndim == 3 and not mapped(w.bits) for w in blocks)
+    assert blocks and all(w.bits.ndim == 4 and not mapped(w.bits) for w in blocks)
     assert mapped(m.w["wte"].bits) and all(w.bits.ndim == 2 for w in rows.w.values() if isinstance(w, Packed))
     if "lm_head.weight" in m.w:
-        assert m.w["lm_head.weight"].bits.ndim == 3
+        assert m.w["lm_head.weight"].bits.ndim == 4
     ids = prompt(m, 12)
     np.testing.assert_array_equal(m.logits(ids), rows.logits(ids))
     steps = {}
@@ -319,16 +319,16 @@ def test_tied_head_is_the_one_copy_and_the_embedding_transposed(factory, dtype):
     wte = m.w["wte"]
     table = wte.bits if isinstance(wte, Packed) else wte
     head = m.head_w.bits if isinstance(m.head_w, Packed) else m.head_w
-    if head.ndim == 3:   # q8 stored as pairs (weights.pairs): back to [C, 320] to compare
-        head = head.transpose(0, 2, 1).reshape(-1, head.shape[1])[:wte.shape[1]]
+    if head.ndim == 4:   # q8 stored as pairs (weights.pairs): back to [C, 320] to compare
+        head = head.transpose(1, 0, 3, 2).reshape(-1, head.shape[2])[:wte.shape[1]]
     V, C = table.shape
     assert head.shape == (C, 320) and not mapped(head)
     assert m.head_w.shape == (C, 320) and (m.head_w.bits if isinstance(m.head_w, Packed) else m.head_w).flags.c_contiguous
     assert np.array_equal(head[:, :V], table.T) and not head[:, V:].any()
     if dtype == "q8":
         assert np.array_equal(m.head_w.scale[:V], wte.scale) and not m.head_w.scale[V:].any()
-        assert m.head_w.bits.ndim == (3 if kernels.PAIRS else 2)
-    assert all(mapped(w.bits if isinstance(w, Packed) else w) or w.bits.ndim == 3 for w in m.w.values())
+        assert m.head_w.bits.ndim == (4 if kernels.PAIRS else 2)
+    assert all(mapped(w.bits if isinstance(w, Packed) else w) or w.bits.ndim == 4 for w in m.w.values())
     assert m.logits([1, 2, 3]).shape == (3, V)
 
 

@@ -116,15 +116,15 @@ def test_gemv_row_alone_is_bit_for_bit_a_batch_row(dtype, K, N):
 
 
 def test_pairs_layout():
-    """q8 weights [K, N] stored as pairs: [K8/2, N, 2] (K8: K rounded up to 8), pair row h
-    holding rows 2h and 2h + 1 side by side for each column, the rows past K zero; copied in
-    blocks of any even number of rows."""
+    """q8 weights [K, N] stored as pairs in four stripes: [4, K8/8, N, 2] (K8: K rounded up to
+    8), stripe p's row g holding rows 8g + 2p and 8g + 2p + 1 side by side for each column, the
+    rows past K zero; copied in blocks of any even number of rows."""
     rng = np.random.default_rng(0)
     for K, N in ((16, 32), (37, 48), (8, 16), (1, 64), (2051, 80)):
         w = rng.integers(-128, 128, (K, N)).astype(np.int8)
         full = np.zeros((-(-K // 8) * 8, N), np.int8)
         full[:K] = w
-        want = full.reshape(-1, 2, N).transpose(0, 2, 1)
+        want = full.reshape(-1, 4, 2, N).transpose(1, 0, 3, 2)
         for rows in (2, 6, 1024):
             p = pairs(w, rows)
             assert p.shape == pairs_shape((K, N)) == want.shape and p.flags.c_contiguous
@@ -470,10 +470,12 @@ def test_layer_table_gives_the_compiled_code_each_tensor_back():
     np.testing.assert_array_equal(m2, m)
     with pytest.raises(ValueError, match="C-contiguous"):
         kernels.layer_table([(v, m.T)])
-    p = pairs(np.arange(-64, 64, dtype=np.int8).reshape(8, 16))   # q8 stored as pairs: [4, 16, 2]
+    p = pairs(np.arange(-128, 128, dtype=np.int8).reshape(16, 16))   # q8 stored as pairs: [4, 2, 16, 2]
     t = kernels.layer_table([(v, p)])
-    assert t.tolist() == [[[v.ctypes.data, 5, 0], [p.ctypes.data, 4, 16]]]
-    np.testing.assert_array_equal(_from_table(t[0], np.empty((0, 0, 2), np.int8))[1], p)
+    assert t.tolist() == [[[v.ctypes.data, 5, 0], [p.ctypes.data, 2, 16]]]
+    np.testing.assert_array_equal(_from_table(t[0], np.empty((4, 0, 0, 2), np.int8))[1], p)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.layer_table([(v, p.reshape(2, 4, 16, 2))])   # (not four stripes)
 
 
 def test_gelu_new_same_on_every_layout():
