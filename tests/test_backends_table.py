@@ -70,8 +70,8 @@ def test_interleaved_ratios_and_roofline_of_its_rounds(monkeypatch, factory):
 
 
 def test_run_one_interleaves_models_in_one_process(factory, monkeypatch):
-    """Two real models, token by token in turn: every dtype gets its prefill, its decode steps
-    per repeat and its tokens; the read bandwidth is read once a round of steps, its median per
+    """Two real models, token by token in turn: every dtype gets its prefill (the median of its
+    rounds), its decode steps per repeat and its tokens; the read bandwidth is read once a round of steps, its median per
     repeat (the probe stubbed: its file is 1 GiB)."""
     from gptcpu.bench import run_one, speed
 
@@ -91,8 +91,11 @@ def test_run_one_interleaves_models_in_one_process(factory, monkeypatch):
             pass
 
     monkeypatch.setattr(speed, "ReadProbe", Probe)
+    prefills, first_token_s = [], run_one.first_token_s
+    monkeypatch.setattr(run_one, "first_token_s", lambda m, ids: prefills.append(m) or first_token_s(m, ids))
     folders = [str(factory.converted("gpt2", dt)) for dt in ("f32", "q8")]
-    x = run_one.interleaved(folders, 1, 2, 6, 5)
+    x = run_one.interleaved(folders, 1, 2, 6, 5, prefill_rounds=3)
+    assert len(prefills) == 2 * 2 * 2 and len(set(map(id, prefills))) == 2   # 2 more a model a repeat
     assert [len(r) for r in x["decode_tok_s"]] == [2, 2] and all(v > 0 for r in x["decode_tok_s"] for v in r)
     assert [len(r) for r in x["prefill_tok_s"]] == [2, 2]
     assert [len(t) for t in x["tokens"]] == [5, 5]
