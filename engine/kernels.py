@@ -1690,11 +1690,23 @@ def _matrix_impl(t, j, like):
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def decode_gpt2(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, K, V, slots, ends, scales, table, like):
+def _decode_head(x, h, eps, T, head, like, logits):
+    """The final layer norm and the LM head, as Model.head, where head (layer_table of ln_f's
+    weight and bias, the head's matrix, q8 scale or NONE, bias or NONE) has a row: logits [N,
+    V'] = ln_f(x) @ w, h [N, C] the buffer."""
+    if head.shape[0]:
+        t = head[0]
+        layer_norm(x, _vector(t, 0), _vector(t, 1), eps, h)
+        _matvec(h, _matrix(t, 2, like), logits, T, _vector(t, 3), _vector(t, 4))
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def decode_gpt2(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, K, V, slots, ends, scales, table, like, head, logits):
     """Every layer of GPT-2 (decode_gpt2_block), x -> y for one, y -> x for the next: the output
-    is in y for an odd number of layers, in x for an even. K, V [layers, slots, H, capacity, D];
-    scales [layers]; table [layers, 16, 3] (layer_table); like: an array of the matrices' dtype
-    (and number of dimensions: 4 for q8 stored as pairs)."""
+    is in y for an odd number of layers, in x for an even; then the final layer norm and the LM
+    head into logits where head has its row (_decode_head). K, V [layers, slots, H, capacity,
+    D]; scales [layers]; table [layers, 16, 3] (layer_table); like: an array of the matrices'
+    dtype (and number of dimensions: 4 for q8 stored as pairs)."""
     for i in range(table.shape[0]):
         t = table[i]
         decode_gpt2_block(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, K[i], V[i], slots, ends, scales[i],
@@ -1703,17 +1715,20 @@ def decode_gpt2(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, K, V, slots, ends, 
                           _matrix(t, 10, like), _vector(t, 11), _vector(t, 12),
                           _matrix(t, 13, like), _vector(t, 14), _vector(t, 15))
         x, y = y, x
+    _decode_head(x, h, eps, T, head, like, logits)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def decode_gptj(x, y, h, u, cat, a, q, k, v, eps, T, act, K, V, slots, ends, scales, cos, sin, table, like):
-    """Every layer of GPT-J (decode_gptj_block), as decode_gpt2; table [layers, 8, 3]."""
+def decode_gptj(x, y, h, u, cat, a, q, k, v, eps, T, act, K, V, slots, ends, scales, cos, sin, table, like, head,
+                logits):
+    """Every layer of GPT-J (decode_gptj_block), and the head, as decode_gpt2; table [layers, 8, 3]."""
     for i in range(table.shape[0]):
         t = table[i]
         decode_gptj_block(x, y, h, u, cat, a, q, k, v, eps, T, act, K[i], V[i], slots, ends, scales[i], cos, sin,
                           _vector(t, 0), _vector(t, 1), _matrix(t, 2, like), _vector(t, 3), _vector(t, 4),
                           _matrix(t, 5, like), _vector(t, 6), _vector(t, 7))
         x, y = y, x
+    _decode_head(x, h, eps, T, head, like, logits)
 
 
 def layer_table(layers) -> np.ndarray:

@@ -269,19 +269,15 @@ class Model:
         where every part feeds one token (up to 8) runs `_decode_step`, the same numbers.
         """
         c = self.config
+        threads.apply()
+        if len(parts) <= Packed.MATVEC_ROWS and all(len(t) == 1 for _, t, _ in parts) and self._decode_args():
+            return self._decode_step(pool, parts)   # every part one token: the common step
         ids = np.concatenate([np.asarray(t, np.int64).reshape(-1) for _, t, _ in parts])
         check_ids(ids, c.n_vocab)
-        threads.apply()
         spans, start = [], 0     # per part: its rows a:b of the N tokens, slot, first position
         for slot, t, _ in parts:
-            t0 = int(pool.length[slot])
-            if t0 + len(t) > min(pool.capacity, c.n_ctx):
-                raise GptcpuError(f"{len(t)} more tokens do not fit a cache holding {t0} of "
-                                  f"{min(pool.capacity, c.n_ctx)}")
-            spans.append((start, start + len(t), slot, t0))
+            spans.append((start, start + len(t), slot, self._fits(pool, slot, len(t))))
             start += len(t)
-        if len(spans) <= Packed.MATVEC_ROWS and all(b - a == 1 for a, b, _, _ in spans) and self._decode_args():
-            return self._decode_step(pool, ids, spans)   # every part one token: the common step
         pos = np.concatenate([np.arange(t0, t0 + b - a) for a, b, _, t0 in spans])
         rot = self._rotation(pos[None])
         x = self._embed(ids, pos)                               # [N, C]
@@ -316,6 +312,13 @@ class Model:
         ends = list(itertools.accumulate(sizes))
         return [logits[a:b] for a, b in zip([0] + ends[:-1], ends)]
 
+    def _fits(self, pool, slot, n) -> int:
+        """-> the length of slot's cache, where n more tokens fit it; else a GptcpuError."""
+        t0, most = int(pool.length[slot]), min(pool.capacity, self.config.n_ctx)
+        if t0 + n > most:
+            raise GptcpuError(f"{n} more tokens do not fit a cache holding {t0} of {most}")
+        return t0
+
     def _attend_slots(self, i, q, k, v, rot, pool, decoding, chunks):  # q, k, v [N, C] -> [N, C]
         c = self.config
         N, H, D = len(q), c.n_head, c.head_dim
@@ -349,7 +352,9 @@ class Model:
         each block's tensors (layer norms' weight and bias, each weight matrix as bits, q8 scale
         or kernels.NONE, bias, in its order; kernels.layer_table), an empty array of the
         matrices' dtype (4-d where q8 matrices are stored as pairs), each layer's attention
-        scale, and the tensors (which the table points into). None where a matrix is neither
+        scale, the table of the final layer norm and the LM head (empty where the head's matrix
+        differs from the blocks' in dtype or layout: `head` then runs it), and the tensors
+        (which the tables point into). None where a matrix is neither
         Packed nor C-contiguous float32, a tensor is not C-contiguous, the matrices differ in
         dtype or layout, or the activation has no compiled form:
         decode then goes through `block`, as prefill does."""
@@ -364,12 +369,19 @@ class Model:
             if len(kinds) == 1 and contiguous:
                 dtype, ndim = kinds.pop()   # like: an empty array of the matrices' dtype, 4-d for q8 pairs
                 like = np.empty((4, 0, 0, 2) if ndim == 4 else 0, dtype)
-                self._decode = (kernels.layer_table(blocks), like, np.array(self.attn_scale, F32), blocks)
+                w, b = self.head_w, self.head_b
+                bits, scale = (w.bits, w.scale) if isinstance(w, Packed) else (w, None)
+                head = [(self.w["ln_f.weight"], self.w["ln_f.bias"], bits, kernels.NONE if scale is None else scale,
+                         kernels.NONE if b is None else b)]
+                if (bits.dtype, bits.ndim) != (dtype, ndim) or not all(t.flags.c_contiguous for t in head[0]):
+                    head = []
+                self._decode = (kernels.layer_table(blocks), like, np.array(self.attn_scale, F32),
+                                kernels.layer_table(head) if head else np.zeros((0, 5, 3), np.int64), blocks + head)
             else:
                 self._decode = ()
         return self._decode or None
 
-    def _decode_step(self, pool, ids, spans) -> list[np.ndarray]:
+    def _decode_step(self, pool, parts) -> list[np.ndarray]:
         """forward_ragged where every part feeds one token, at most Packed.MATVEC_ROWS of them
         (generation's decode step, batched or not): every layer in one compiled call
         (kernels.decode_gpt2, decode_gptj), the same numbers as `block` with `_attend_slots`,
@@ -380,32 +392,36 @@ class Model:
         4.00-4.24 -> 3.82-4.11 ms with each block compiled, against that. With every layer in
         one call (a 768 MB read between steps): 9.60 -> 9.13 and 8.65 -> 8.37 ms a step (1.03-
         1.05x, the same greedy tokens), batch 4 1.05x (median of three runs, 0.90-1.16x); GPT-J
-        width with 4 layers 1.00x."""
+        width with 4 layers 1.00x. The final layer norm and the LM head run in that call too,
+        and the checks before it take Python's ints, not NumPy's calls: ~0.2 ms of Python a
+        step cold, where the weights streaming through have pushed it out of the caches."""
         c = self.config
-        slots = np.array([slot for _, _, slot, _ in spans], np.int64)
-        pos = pool.length[slots]
-        x = np.ascontiguousarray(self._embed(ids, pos), dtype=F32)   # [N, C]
+        ids = [int(t[0]) for _, t, _ in parts]
+        if not all(0 <= i < c.n_vocab for i in ids):
+            check_ids(ids, c.n_vocab)   # (raises)
+        slots = np.array([slot for slot, _, _ in parts], np.int64)
+        pos = np.array([self._fits(pool, slot, 1) for slot in slots], np.int64)
+        x = np.ascontiguousarray(self._embed(np.array(ids, np.int64), pos), dtype=F32)   # [N, C]
         ends = pos + 1
         N, C, H, D = len(x), c.n_embd, c.n_head, c.head_dim
         eps, T, act = F32(c.layer_norm_epsilon), threads.kernel_threads(), kernels.DECODE_ACTIVATIONS[c.activation]
         y, h, a, q, k, v = (np.empty(shape, F32) for shape in [(N, C)] * 2 + [(N, H, D)] * 4)
-        table, like, scales, blocks = self._decode_args()
+        table, like, scales, head, _ = self._decode_args()
         u = np.empty((N, table[0, 2, 2]), F32)   # a block's first matrix's columns: w_qkv, or GPT-J's w_in
+        logits = np.empty((N, head[0, 2, 2] if len(head) else 0), F32)
         if c.parallel_residual:   # GPT-J
             cat = np.empty((N, C + u.shape[1] - 3 * C), F32)
             cos, sin = (self.cos, self.sin) if c.rotary_dim else (np.empty((c.n_ctx, 0), F32),) * 2
             kernels.decode_gptj(x, y, h, u, cat, a, q, k, v, eps, T, act, pool.k, pool.v, slots, ends, scales,
-                                cos, sin, table, like)
+                                cos, sin, table, like, head, logits)
         else:
             r, mlp = np.empty((N, C), F32), np.empty((N, c.n_inner), F32)
             kernels.decode_gpt2(x, y, h, u, r, mlp, a, q, k, v, eps, T, act, pool.k, pool.v, slots, ends, scales,
-                                table, like)
-        if c.n_layer % 2:   # (each layer writes the other buffer)
-            x = y
-        for s in slots:
-            pool.length[s] += 1
-        logits = self.head(x)
-        return [logits[j:j + 1] for j in range(N)]
+                                table, like, head, logits)
+        pool.length[slots] += 1
+        if not len(head):   # (the head not in that call)
+            logits = self.head(y if c.n_layer % 2 else x)   # (each layer writes the other buffer)
+        return [logits[j:j + 1, :c.n_vocab] for j in range(N)]
 
     def _embed(self, ids, pos):  # token ids and their positions [...] -> [..., C], a fresh array
         x = embed(self.w["wte"], ids)

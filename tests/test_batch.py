@@ -68,33 +68,37 @@ def test_decode_step_refuses_a_bad_token_or_a_full_slot_and_changes_nothing(mode
 @pytest.mark.parametrize("shape", ["gpt2", "gptj"])
 def test_decode_step_gives_the_blocks_logits_bit_for_bit(factory, shape, dtype, monkeypatch):
     """A step where every part feeds one token runs Model._decode_step (the kernels called
-    directly); the same steps through `block` give the same logits and cache, bit for bit,
-    for one row and for several at different lengths."""
+    directly, the LM head in the same call); the same steps through `block` give the same
+    logits and cache, bit for bit, for one row and for several at different lengths; so do
+    they with the head run apart (where its matrix differs from the blocks' in layout)."""
     model = gptcpu.load(factory.converted(shape, dtype), threads=2)
-    assert model._decode_args() is not None
+    args = model._decode_args()
+    assert args is not None and len(args[3]) == 1   # (the head in the call)
     prompts = prompts_of(model, 3, seed=7)
     steps = [[(0, [5]), (1, [7]), (2, [11])], [(1, [3])], [(2, [4]), (0, [9])]]
     runs, taken = {}, []
     fast = model._decode_step
-    for path in ("fast", "blocks"):
+    monkeypatch.setattr(model, "_decode_step", lambda *a: taken.append(1) or fast(*a))
+    for path in ("fast", "head apart", "blocks"):
+        if path == "head apart":
+            monkeypatch.setattr(model, "_decode", args[:3] + (np.zeros((0, 5, 3), np.int64),) + args[4:])
         if path == "blocks":
             monkeypatch.setattr(model, "_decode_args", lambda: None)
-        else:
-            monkeypatch.setattr(model, "_decode_step", lambda *a: taken.append(1) or fast(*a))
         pool = SlotCache(model.config, 3, 40, model.kv_cache)
         slots = [pool.acquire() for _ in prompts]
         model.forward_ragged(pool, [(s, p, False) for s, p in zip(slots, prompts)])
         runs[path] = ([model.forward_ragged(pool, [(slots[j], t, False) for j, t in step]) for step in steps],
                       pool.k.copy(), pool.v.copy())
-    assert len(taken) == len(steps)
-    (fast_logits, fast_k, fast_v), (ref_logits, ref_k, ref_v) = runs["fast"], runs["blocks"]
-    for got, want in zip(fast_logits, ref_logits):
-        assert len(got) == len(want)
-        for g, w in zip(got, want):
-            assert g.shape == w.shape == (1, model.config.n_vocab)
-            np.testing.assert_array_equal(g, w)
-    np.testing.assert_array_equal(fast_k, ref_k)
-    np.testing.assert_array_equal(fast_v, ref_v)
+    assert len(taken) == 2 * len(steps)
+    ref_logits, ref_k, ref_v = runs["blocks"]
+    for fast_logits, fast_k, fast_v in (runs["fast"], runs["head apart"]):
+        for got, want in zip(fast_logits, ref_logits):
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert g.shape == w.shape == (1, model.config.n_vocab)
+                np.testing.assert_array_equal(g, w)
+        np.testing.assert_array_equal(fast_k, ref_k)
+        np.testing.assert_array_equal(fast_v, ref_v)
 
 
 def test_compiled_decode_activations_are_the_models():
