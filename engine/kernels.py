@@ -100,6 +100,24 @@ _bits_to_f32 = _bitcast(types.float32, types.uint32)
 _f32_bits = _bitcast(types.uint32, types.float32)
 
 
+@intrinsic
+def _writable(typingctx, a):
+    """The array a typed as a writable one (the same array: the kernels never write weights).
+    numba compiles a function once per type of each argument, and a read-only array (a view of
+    a file's mmap: weights, q8 scales, biases) is a type of its own: the GEMV compiled again
+    for each mix of read-only and writable w, scale and bias, 19-32 s each (cold cache), eleven
+    of them in the test suite."""
+    if not isinstance(a, types.Array):
+        return None
+    ty = a.copy(readonly=False)
+
+    def codegen(context, builder, signature, args):
+        from numba.core.imputils import impl_ret_borrowed
+        return impl_ret_borrowed(context, builder, ty, args[0])
+
+    return ty(a), codegen
+
+
 def widen(v):
     """One stored weight -> float32, by its storage type (resolved at compile time)."""
 
@@ -286,7 +304,7 @@ def matvec(x, w, out, scale=NONE, bias=NONE):
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def _matvec(x, w, out, T, scale, bias):   # matvec on T threads (compiled: the decode blocks call it too)
-    _matvec_split(x, w, out, T, scale, bias)
+    _matvec_split(_writable(x), _writable(w), out, T, _writable(scale), _writable(bias))
 
 
 def _matvec_split(x, w, out, T, scale, bias):
@@ -1111,7 +1129,23 @@ def gemm(x, w, out, scale=NONE, bias=NONE):
     (q8's weights alone: 1-3e-2), greedy tokens the same. Decode's GEMV rounds x the same way
     where it can (_matvec_pairs).
     """
-    _gemm_for(w)(np.ascontiguousarray(x), w, out, scale, bias, threads.kernel_threads())
+    _gemm_call(np.ascontiguousarray(x), w, out, scale, bias, threads.kernel_threads())
+
+
+@njit(cache=True, nogil=True)
+def _gemm_call(x, w, out, scale, bias, T):   # gemm's kernel (_gemm_for), on writable types (_writable)
+    _gemm_split(_writable(x), _writable(w), out, _writable(scale), _writable(bias), T)
+
+
+def _gemm_split(x, w, out, scale, bias, T):
+    """_gemm_for(w)(x, w, out, scale, bias, T), chosen as it compiles."""
+
+
+@overload(_gemm_split, inline="always")
+def _gemm_split_impl(x, w, out, scale, bias, T):
+    if PAIRS and w.dtype == types.int8:
+        return lambda x, w, out, scale, bias, T: _gemm_pairs(x, w, out, scale, bias, T)
+    return lambda x, w, out, scale, bias, T: _gemm(x, w, out, scale, bias, T)
 
 
 @njit(fastmath=True, boundscheck=False, cache=True, nogil=True)
