@@ -1143,9 +1143,8 @@ def _gemm_split(x, w, out, scale, bias, T):
 
 @overload(_gemm_split, inline="always")
 def _gemm_split_impl(x, w, out, scale, bias, T):
-    if PAIRS and w.dtype == types.int8:
-        return lambda x, w, out, scale, bias, T: _gemm_pairs(x, w, out, scale, bias, T)
-    return lambda x, w, out, scale, bias, T: _gemm(x, w, out, scale, bias, T)
+    kernel = _gemm_for(w)
+    return lambda x, w, out, scale, bias, T: kernel(x, w, out, scale, bias, T)
 
 
 @njit(fastmath=True, boundscheck=False, cache=True, nogil=True)
@@ -1549,8 +1548,9 @@ def _gemm_pairs(x, w, out, scale, bias, T):
 
 
 def _gemm_for(w):
-    """The prefill GEMM for these weights: int16 pairs for q8 where the CPU multiplies them."""
-    return _gemm_pairs if PAIRS and w.dtype == np.int8 else _gemm
+    """The prefill GEMM for these weights (an array, or numba's type of one): int16 pairs for q8
+    where the CPU multiplies them."""
+    return _gemm_pairs if PAIRS and str(w.dtype) == "int8" else _gemm
 
 
 def small_matmul(x, w, bias=None):
